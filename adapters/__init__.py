@@ -1,0 +1,1 @@
+"""LoRA adapters: PEFT format, validation, registry, the multi-LoRA layer and the trainer."""

@@ -1,0 +1,67 @@
+"""Resident-memory report of a loaded base: 4-bit linear layers against the same layers in bf16."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import bitsandbytes as bnb
+import torch
+from torch import nn
+
+BF16_BYTES = 2
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Byte counts of a loaded model."""
+
+    quantized_layers: int
+    quantized_linear_bytes: int
+    bf16_linear_bytes: int
+    total_resident_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        """Quantized linear bytes over the same layers in bf16 (NF4 + double quant floor: 0.258)."""
+        return self.quantized_linear_bytes / max(self.bf16_linear_bytes, 1)
+
+    def format(self) -> str:
+        """One human-readable line."""
+        mib = 1024 * 1024
+        return (
+            f"memory: {self.quantized_layers} quantized linear layers "
+            f"{self.quantized_linear_bytes / mib:.1f} MiB vs {self.bf16_linear_bytes / mib:.1f} MiB "
+            f"in bf16 (ratio {self.ratio:.3f}); model resident {self.total_resident_bytes / mib:.1f} MiB"
+        )
+
+
+def _quant_state_bytes(state: object) -> int:
+    """Bytes of every tensor held by a bitsandbytes QuantState, nested states included."""
+    total = 0
+    for value in vars(state).values():
+        if isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()
+        elif type(value).__name__ == "QuantState":
+            total += _quant_state_bytes(value)
+    return total
+
+
+def memory_report(model: nn.Module) -> MemoryReport:
+    """Count quantized-linear bytes (packed weights + quantization state) and all resident bytes."""
+    layers = quantized = bf16 = state_bytes = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = module.weight
+            extra = _quant_state_bytes(weight.quant_state) if weight.quant_state else 0
+            layers += 1
+            quantized += weight.numel() * weight.element_size() + extra
+            bf16 += module.in_features * module.out_features * BF16_BYTES
+            state_bytes += extra
+    seen: set[int] = set()
+    resident = state_bytes
+    for tensor in [*model.parameters(), *model.buffers()]:
+        key = tensor.untyped_storage().data_ptr()
+        if key not in seen:  # tied weights share one storage
+            seen.add(key)
+            resident += tensor.untyped_storage().nbytes()
+    return MemoryReport(layers, quantized, bf16, resident)

@@ -1,0 +1,170 @@
+"""The `loraplex` command line: prepare, serve, train and bench subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from loader.errors import ModelSourceError
+from server.config import Config, ConfigError
+
+log = logging.getLogger("loraplex")
+
+HELP = {
+    "model": "base model: `demo`, a local HF checkpoint folder or a hub id",
+    "quant": "nf4 | fp4 | none (unquantized)",
+    "double_quant": "quantize the 4-bit scales too (QLoRA double quantization)",
+    "compute_dtype": "bfloat16 | float16 | float32",
+    "device": "auto | cpu | cuda",
+    "max_num_seqs": "max running sequences per step",
+    "max_batch_tokens": "max tokens (decode + prefill chunks) per step",
+    "kv_capacity_tokens": "KV pool capacity in tokens",
+    "block_size": "KV block size in tokens",
+    "max_model_len": "max prompt + completion tokens (default: the model's context)",
+    "batch_invariant": "exact per-request results regardless of batch (slower)",
+    "adapters_dir": "folder whose PEFT subfolders are served as adapters",
+    "max_loras": "adapter slots on the device",
+    "max_cpu_loras": "adapters cached in host memory",
+    "max_lora_rank": "largest adapter rank accepted",
+    "max_adapter_bytes": "largest adapter weights file accepted",
+    "host": "bind address",
+    "port": "bind port",
+    "served_model_name": "id of the bare base in the API",
+    "max_waiting": "waiting-queue bound; beyond it requests get 429",
+    "request_timeout_s": "seconds before a request is aborted",
+}
+FLAG_NAMES = {
+    "adapters_dir": "adapters",
+    "max_loras": "max-loras",
+    "max_cpu_loras": "max-cpu-loras",
+}
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets a config field."""
+    return "LORAPLEX_" + field.upper()
+
+
+def add_config_args(parser: argparse.ArgumentParser, fields: Sequence[str]) -> None:
+    """Add a --flag for each named Config field, defaulting to $LORAPLEX_<FIELD> or the default."""
+    defaults = Config()
+    types = {f.name: f.type for f in dataclasses.fields(Config)}
+    for name in fields:
+        flag = "--" + FLAG_NAMES.get(name, name.replace("_", "-"))
+        env = os.environ.get(env_name(name))
+        default = getattr(defaults, name)
+        kind = types[name]
+        help_text = f"{HELP[name]} (env {env_name(name)})"
+        if kind == "bool":
+            value = default if env is None else env.lower() in ("1", "true", "yes", "on")
+            parser.add_argument(
+                flag,
+                dest=name,
+                default=value,
+                action=argparse.BooleanOptionalAction,
+                help=help_text,
+            )
+            continue
+        convert = int if "int" in kind else float if "float" in kind else str
+        parser.add_argument(
+            flag,
+            dest=name,
+            type=convert,
+            default=convert(env) if env is not None else default,
+            help=help_text,
+        )
+
+
+MODEL_FIELDS = ("model", "quant", "double_quant", "compute_dtype", "device")
+ENGINE_FIELDS = (
+    "max_num_seqs",
+    "max_batch_tokens",
+    "kv_capacity_tokens",
+    "block_size",
+    "max_model_len",
+    "batch_invariant",
+)
+ADAPTER_FIELDS = (
+    "adapters_dir",
+    "max_loras",
+    "max_cpu_loras",
+    "max_lora_rank",
+    "max_adapter_bytes",
+)
+HTTP_FIELDS = ("host", "port", "served_model_name", "max_waiting", "request_timeout_s")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The Config built from every config field present in args."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Resolve/convert the base model and print its local folder on the last line."""
+    from loader.source import resolve_source
+
+    print(resolve_source(args.model))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Load the base model and serve it."""
+    from server.serve import serve
+
+    return serve(config_from_args(args))
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[..., int]]]:
+    """The top-level parser and a map from subcommand to handler."""
+    parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    handlers: dict[str, Callable[..., int]] = {}
+
+    prepare = sub.add_parser("prepare", help="prepare a base model; prints its local folder")
+    add_config_args(prepare, ("model",))
+    handlers["prepare"] = cmd_prepare
+
+    serve = sub.add_parser("serve", help="serve the base and its adapters over HTTP")
+    add_config_args(serve, MODEL_FIELDS + ENGINE_FIELDS + ADAPTER_FIELDS + HTTP_FIELDS)
+    handlers["serve"] = cmd_serve
+
+    for register in _plugins():
+        register(sub, handlers)
+    return parser, handlers
+
+
+def _plugins() -> list[Callable[..., None]]:
+    """Subcommand registrars of the optional tools (train, bench), each adding its own parser."""
+    registrars = []
+    for module_name in ("adapters.train.cli", "bench.cli"):
+        try:
+            module = __import__(module_name, fromlist=["register"])
+        except ModuleNotFoundError as error:
+            if error.name and module_name.startswith(error.name):
+                continue
+            raise
+        registrars.append(module.register)
+    return registrars
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `loraplex` console script."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    parser, handlers = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return handlers[args.command](args)
+    except (ModelSourceError, ConfigError) as error:
+        print(f"loraplex: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

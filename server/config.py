@@ -1,0 +1,91 @@
+"""The one configuration object shared by the loader, engine, server and tools."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+QUANT_TYPES = ("nf4", "fp4", "none")
+COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or inconsistent."""
+
+
+@dataclass
+class Config:
+    """Every tunable of a loraplex process, validated at construction."""
+
+    # base model
+    model: str = "demo"
+    quant: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+    device: str = "auto"
+    # engine limits
+    max_num_seqs: int = 32
+    max_batch_tokens: int = 512
+    kv_capacity_tokens: int = 16384
+    block_size: int = 16
+    max_model_len: int | None = None
+    batch_invariant: bool = False
+    # adapters
+    adapters_dir: str | None = None
+    max_loras: int = 8
+    max_cpu_loras: int = 64
+    max_lora_rank: int = 64
+    max_adapter_bytes: int = 512 * 1024 * 1024
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None
+    max_waiting: int = 256
+    request_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.quant not in QUANT_TYPES:
+            raise ConfigError(f"quant must be one of {QUANT_TYPES}, got {self.quant!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(
+                f"compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, got {self.compute_dtype!r}"
+            )
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        positive = (
+            "max_num_seqs",
+            "max_batch_tokens",
+            "kv_capacity_tokens",
+            "block_size",
+            "max_loras",
+            "max_cpu_loras",
+            "max_lora_rank",
+            "max_adapter_bytes",
+            "max_waiting",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_cpu_loras < self.max_loras:
+            raise ConfigError("max_cpu_loras must be >= max_loras")
+        if self.kv_capacity_tokens < self.block_size:
+            raise ConfigError("kv_capacity_tokens must hold at least one block")
+
+    @property
+    def torch_compute_dtype(self) -> torch.dtype:
+        """The compute dtype as a torch dtype."""
+        return COMPUTE_DTYPES[self.compute_dtype]
+
+    @property
+    def resolved_device(self) -> str:
+        """cuda when asked for or available under auto, else cpu."""
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def replace(self, **changes: Any) -> Config:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
