@@ -1,0 +1,125 @@
+"""The multi-LoRA linear layer: a base linear (bnb Linear4bit or nn.Linear) plus per-slot LoRA stacks.
+
+Each step the engine sets one StepRouting (per-token slots) shared by every wrapped layer; a token's
+output is base(x) + its own slot's LoRA delta, and base-only tokens (slot -1) get no LoRA term.
+"""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import torch
+from torch import nn
+
+from adapters.format import LoraModule
+from adapters.lora_ops import GroupPlan, lora_grouped, lora_reference
+
+LORA_OPS = ("grouped", "reference")
+
+
+class StepRouting:
+    """Per-step adapter routing: each token's slot and the grouping plan derived from it once."""
+
+    def __init__(self, num_slots: int, op: str = "grouped") -> None:
+        if op not in LORA_OPS:
+            raise ValueError(f"unknown LoRA op {op!r}; choose from {LORA_OPS}")
+        self.num_slots = num_slots
+        self.op = op
+        self.tokens: torch.Tensor | None = None
+        self.plan: GroupPlan | None = None
+        self.slot_set: frozenset[int] = frozenset()
+
+    def set(self, tokens: torch.Tensor | None) -> None:
+        """Route the next forward: tokens [T] int64 slot per token (-1 = base), or None for no LoRA."""
+        self.tokens = tokens
+        self.plan = None if tokens is None else GroupPlan.build(tokens.cpu(), self.num_slots)
+        if self.plan is None:
+            self.slot_set = frozenset()
+            return
+        self.slot_set = frozenset(self.plan.slots.tolist())
+        self.plan = self.plan.to(tokens.device)
+
+
+class MultiLoraLinear(nn.Module):
+    """base(x) + per-token LoRA from slot stacks A [S, r_max, in] and B [S, out, r_max] (scaled)."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        routing: StepRouting,
+        max_rank: int,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.routing = routing
+        self.in_features: int = base.in_features
+        self.out_features: int = base.out_features
+        device = next(base.parameters()).device
+        slots = routing.num_slots
+        self.register_buffer(
+            "lora_A", torch.zeros(slots, max_rank, self.in_features, dtype=dtype, device=device)
+        )
+        self.register_buffer(
+            "lora_B", torch.zeros(slots, self.out_features, max_rank, dtype=dtype, device=device)
+        )
+        self.active: set[int] = set()
+
+    @property
+    def max_rank(self) -> int:
+        """The rank capacity of each slot."""
+        return self.lora_A.shape[1]
+
+    def set_slot(self, slot: int, module: LoraModule | None) -> None:
+        """Write an adapter's A and scaled B into a slot (None clears the slot)."""
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
+        self.active.discard(slot)
+        if module is None:
+            return
+        r = module.rank
+        if r > self.max_rank:
+            raise ValueError(f"rank {r} exceeds the slot capacity {self.max_rank}")
+        self.lora_A[slot, :r] = module.A.to(self.lora_A.dtype)
+        self.lora_B[slot, :, :r] = module.B.to(self.lora_B.dtype) * module.scaling
+        self.active.add(slot)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out]."""
+        y = self.base(x)
+        routing = self.routing
+        if routing.plan is None or self.active.isdisjoint(routing.slot_set):
+            return y
+        flat = x.reshape(-1, self.in_features)  # [T, in]
+        if routing.op == "reference":
+            delta = lora_reference(flat, self.lora_A, self.lora_B, routing.tokens)
+        else:
+            delta = lora_grouped(flat, self.lora_A, self.lora_B, routing.plan)
+        return (y + delta.view(*y.shape[:-1], self.out_features)).to(y.dtype)
+
+
+def is_base_linear(module: nn.Module) -> bool:
+    """Whether a module is a linear layer the multi-LoRA layer can wrap."""
+    return isinstance(module, (bnb.nn.Linear4bit, nn.Linear))
+
+
+def decoder_linear_names(model: nn.Module) -> list[str]:
+    """Paths of every linear layer inside the decoder blocks (lm_head and embeddings excluded)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if is_base_linear(module) and ".layers." in f".{name}" and not name.endswith("lm_head")
+    ]
+
+
+def attach_multi_lora(
+    model: nn.Module, routing: StepRouting, max_rank: int, dtype: torch.dtype = torch.float32
+) -> dict[str, MultiLoraLinear]:
+    """Wrap every decoder linear of model in place; returns the wrappers by base module path."""
+    wrapped: dict[str, MultiLoraLinear] = {}
+    for name in decoder_linear_names(model):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = MultiLoraLinear(getattr(parent, child), routing, max_rank, dtype)
+        setattr(parent, child, layer)
+        wrapped[name] = layer
+    return wrapped

@@ -1,0 +1,1 @@
+"""Offline QLoRA trainer producing servable PEFT adapters."""

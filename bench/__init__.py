@@ -1,0 +1,1 @@
+"""Benchmarks: engine, adapters and trainer against baselines, writing tables, plots and JSON."""

@@ -1,0 +1,30 @@
+"""`loraplex bench <name>`: each benchmark module adds its own options and runs itself."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Callable
+
+BENCHES = {
+    "engine": ("bench.engine", "engine throughput: K adapters vs no adapters vs PEFT"),
+    "adapters": ("bench.adapters", "cold-load latency and throughput under a load storm"),
+    "train": ("bench.train", "loraplex train vs PEFT + transformers Trainer"),
+}
+
+
+def register(sub: argparse._SubParsersAction, handlers: dict[str, Callable[..., int]]) -> None:
+    """Add `bench` with one sub-subcommand per benchmark module that is present."""
+    bench = sub.add_parser("bench", help="run a benchmark and write its results table")
+    kinds = bench.add_subparsers(dest="bench", required=True)
+    for name, (module_name, help_text) in BENCHES.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name == module_name:
+                continue
+            raise
+        parser = kinds.add_parser(name, help=help_text)
+        module.add_arguments(parser)
+        parser.set_defaults(bench_run=module.run)
+    handlers["bench"] = lambda args: args.bench_run(args)

@@ -1,0 +1,1 @@
+"""The continuous-batching engine: sequences, scheduler, KV cache, runner, sampler."""

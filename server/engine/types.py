@@ -1,0 +1,72 @@
+"""Public value types of the engine API: sampling parameters, per-token outputs, stats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class EngineError(RuntimeError):
+    """A request cannot be accepted; `code` and `status` map to an OpenAI-style HTTP error."""
+
+    def __init__(self, message: str, code: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding parameters; temperature 0 means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError("logprobs must be between 0 and 20")
+
+    @property
+    def greedy(self) -> bool:
+        """Whether decoding is deterministic argmax."""
+        return self.temperature == 0
+
+
+@dataclass
+class TokenOutput:
+    """One generated token of one request, or its end (token_id None when finished without one)."""
+
+    request_id: str
+    token_id: int | None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    prompt_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine's queues and memory."""
+
+    running: int
+    waiting: int
+    kv_used_blocks: int
+    kv_total_blocks: int
+    resident_adapters: int
+    steps: int
+    preemptions: int
+    generated_tokens: int
