@@ -36,6 +36,7 @@ HELP = {
     "served_model_name": "id of the bare base in the API",
     "max_waiting": "waiting-queue bound; beyond it requests get 429",
     "request_timeout_s": "seconds before a request is aborted",
+    "api_key": "if set, /v1/* requires `Authorization: Bearer <key>`",
 }
 FLAG_NAMES = {
     "adapters_dir": "adapters",
@@ -95,7 +96,14 @@ ADAPTER_FIELDS = (
     "max_lora_rank",
     "max_adapter_bytes",
 )
-HTTP_FIELDS = ("host", "port", "served_model_name", "max_waiting", "request_timeout_s")
+HTTP_FIELDS = (
+    "host",
+    "port",
+    "served_model_name",
+    "max_waiting",
+    "request_timeout_s",
+    "api_key",
+)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

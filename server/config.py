@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,6 +45,7 @@ class Config:
     served_model_name: str | None = None
     max_waiting: int = 256
     request_timeout_s: float = 600.0
+    api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.quant not in QUANT_TYPES:
@@ -71,6 +72,8 @@ class Config:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_cpu_loras < self.max_loras:
             raise ConfigError("max_cpu_loras must be >= max_loras")
+        if self.request_timeout_s <= 0:
+            raise ConfigError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
         if self.kv_capacity_tokens < self.block_size:
             raise ConfigError("kv_capacity_tokens must hold at least one block")
 
