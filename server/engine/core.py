@@ -1,0 +1,171 @@
+"""The synchronous engine: requests in, one batched forward per step, tokens out."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from adapters.format import AdapterWeights
+from adapters.layer import StepRouting, attach_multi_lora
+from adapters.slots import SlotTable
+from loader.model import BaseModel
+from server.config import Config
+from server.engine.kv_cache import KVCache
+from server.engine.runner import ModelRunner
+from server.engine.sampler import sample
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import Sequence, Status
+from server.engine.types import EngineError, EngineStats, SamplingParams, TokenOutput
+
+log = logging.getLogger("loraplex.engine")
+
+
+def eos_token_ids(base: BaseModel) -> set[int]:
+    """Token ids that end generation: the tokenizer's EOS and the generation config's."""
+    ids = {base.tokenizer.eos_token_id}
+    configured = getattr(base.model.generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return {i for i in ids if i is not None}
+
+
+class EngineCore:
+    """Continuous batching over one resident base with per-token adapter slots."""
+
+    def __init__(self, base: BaseModel, config: Config, lora_op: str = "grouped") -> None:
+        self.base = base
+        self.config = config
+        model, hf = base.model, base.model.config
+        device = str(next(model.parameters()).device)
+        self.routing = StepRouting(config.max_loras, lora_op)
+        self.layers = attach_multi_lora(model, self.routing, config.max_lora_rank)
+        self.slots = SlotTable(self.layers, config.max_loras)
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        self.kv = KVCache(
+            hf.num_hidden_layers,
+            hf.num_key_value_heads,
+            head_dim,
+            config.kv_capacity_tokens,
+            config.block_size,
+            config.torch_compute_dtype,
+            device,
+        )
+        self.scheduler = Scheduler(config, self.kv, self.slots)
+        self.runner = ModelRunner(model, self.kv, self.routing)
+        context = config.max_model_len or hf.max_position_embeddings
+        self.max_model_len = min(context, self.kv.num_blocks * config.block_size)
+        self.eos_ids = eos_token_ids(base)
+        self.seqs: dict[str, Sequence] = {}
+        self.steps = 0
+        self.generated_tokens = 0
+
+    # adapters -----------------------------------------------------------------------------
+    def add_adapter(self, weights: AdapterWeights) -> None:
+        """Make an adapter servable (replacing one of the same name for new requests)."""
+        self.slots.add(weights)
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving an adapter; requests already running on it finish normally."""
+        self.slots.remove(name)
+
+    # requests -----------------------------------------------------------------------------
+    def check_request(
+        self, prompt_ids: list[int], adapter: str | None, params: SamplingParams
+    ) -> None:
+        """Raise EngineError if a request cannot be accepted as it is."""
+        if adapter is not None and adapter not in self.slots.host:
+            raise EngineError(f"The model `{adapter}` does not exist.", "model_not_found", 404)
+        if not prompt_ids:
+            raise EngineError("The prompt is empty.", "invalid_prompt", 400)
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise EngineError(
+                f"This model's maximum context length is {self.max_model_len} tokens; the request "
+                f"has {len(prompt_ids)} prompt tokens and asks for {params.max_tokens} more.",
+                "context_length_exceeded",
+                400,
+            )
+
+    def add_request(
+        self, request_id: str, prompt_ids: list[int], adapter: str | None, params: SamplingParams
+    ) -> Sequence:
+        """Validate and queue a request."""
+        if request_id in self.seqs:
+            raise EngineError(f"duplicate request id {request_id!r}", "duplicate_request", 400)
+        self.check_request(prompt_ids, adapter, params)
+        seq = Sequence(request_id, list(prompt_ids), adapter, params)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> TokenOutput | None:
+        """Stop a request now, freeing its KV blocks and slot pin."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq)
+        return TokenOutput(request_id, None, "abort", prompt_tokens=len(seq.prompt_ids))
+
+    def has_work(self) -> bool:
+        """Whether any request is waiting or running."""
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    def step(self) -> list[TokenOutput]:
+        """Schedule, run one forward for every scheduled token, sample, and report new tokens."""
+        batch = self.scheduler.schedule()
+        if not batch.items:
+            return []
+        self.steps += 1
+        try:
+            seqs, logits = self.runner.run(batch)
+        except Exception as error:  # noqa: BLE001 - fail this batch's requests, keep serving
+            log.exception("forward failed; failing %d requests", len(batch.items))
+            return [self._fail(seq, f"internal error: {error}") for seq, _ in batch.items]
+        for seq, n in batch.items:
+            seq.num_computed += n
+        outputs = []
+        finite = torch.isfinite(logits).all(-1).tolist() if seqs else []
+        healthy = [s for s, ok in zip(seqs, finite, strict=True) if ok]
+        outputs += [
+            self._fail(s, "non-finite logits") for s, ok in zip(seqs, finite, strict=True) if not ok
+        ]
+        rows = [i for i, ok in enumerate(finite) if ok]
+        for seq, drawn in zip(healthy, sample(logits[rows], healthy), strict=True):
+            outputs.append(self._append(seq, drawn.token_id, drawn.logprob, drawn.top_logprobs))
+        return outputs
+
+    def _append(
+        self, seq: Sequence, token: int, logprob: float | None, top: list[tuple[int, float]]
+    ) -> TokenOutput:
+        seq.output_ids.append(token)
+        self.generated_tokens += 1
+        params = seq.params
+        reason = None
+        if token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
+            reason = "stop"
+        elif len(seq.output_ids) >= params.max_tokens or seq.length >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self.seqs.pop(seq.request_id, None)
+            self.scheduler.finish(seq)
+        return TokenOutput(seq.request_id, token, reason, logprob, top, len(seq.prompt_ids))
+
+    def _fail(self, seq: Sequence, message: str) -> TokenOutput:
+        self.seqs.pop(seq.request_id, None)
+        if seq.status is not Status.FINISHED:
+            self.scheduler.finish(seq)
+        return TokenOutput(
+            seq.request_id, None, "error", prompt_tokens=len(seq.prompt_ids), error=message
+        )
+
+    def stats(self) -> EngineStats:
+        """A snapshot of queues, KV usage and counters."""
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_used_blocks=self.kv.used_blocks,
+            kv_total_blocks=self.kv.num_blocks,
+            resident_adapters=len(self.slots.resident),
+            steps=self.steps,
+            preemptions=self.scheduler.preemptions,
+            generated_tokens=self.generated_tokens,
+        )

@@ -1,0 +1,55 @@
+"""Per-request sampling: greedy, temperature, top-k, top-p, seeded generators, logprobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.sequence import Sequence
+
+
+@dataclass
+class Sample:
+    """A sampled token with its log-probability and the top alternatives when asked."""
+
+    token_id: int
+    logprob: float | None
+    top_logprobs: list[tuple[int, float]]
+
+
+def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask logits [V] outside top-k and outside the top-p nucleus with -inf."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cumulative - torch.softmax(sorted_logits, -1) >= top_p  # keep the token crossing p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[Sample]:
+    """One token per row of logits [N, V] (float32), each with its sequence's own parameters."""
+    greedy_ids = logits.argmax(-1).tolist()  # [N]
+    want_logprobs = any(s.params.logprobs is not None for s in seqs)
+    logprobs = torch.log_softmax(logits, -1) if want_logprobs else None  # [N, V]
+    samples = []
+    for row, seq in enumerate(seqs):
+        params = seq.params
+        if params.greedy:
+            token = greedy_ids[row]
+        else:
+            scaled = _filter(logits[row] / params.temperature, params.top_k, params.top_p)
+            probs = torch.softmax(scaled, -1)
+            token = int(torch.multinomial(probs, 1, generator=seq.generator))
+        logprob, top = None, []
+        if logprobs is not None and params.logprobs is not None:
+            logprob = float(logprobs[row, token])
+            if params.logprobs:
+                values, ids = torch.topk(logprobs[row], params.logprobs)
+                top = list(zip(ids.tolist(), values.tolist(), strict=True))
+        samples.append(Sample(token, logprob, top))
+    return samples

@@ -1,0 +1,67 @@
+"""A request's state inside the engine: tokens, KV blocks, adapter slot, sampling generator."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from server.engine.types import SamplingParams
+
+_arrival = itertools.count()
+
+
+class Status(enum.Enum):
+    """Where a sequence is in its life."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request. Tokens [0, num_computed) have KV in the pool; the rest are still to process."""
+
+    request_id: str
+    prompt_ids: list[int]
+    adapter: str | None
+    params: SamplingParams
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    blocks: list[int] = field(default_factory=list)
+    slot: int = -1
+    status: Status = Status.WAITING
+    arrival: int = field(default_factory=lambda: next(_arrival))
+    generator: torch.Generator | None = None
+    preempted: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.params.greedy:
+            self.generator = torch.Generator()
+            if self.params.seed is not None:
+                self.generator.manual_seed(self.params.seed)
+            else:
+                self.generator.seed()
+
+    @property
+    def tokens(self) -> list[int]:
+        """Prompt followed by the generated tokens."""
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def length(self) -> int:
+        """Number of prompt + generated tokens."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def remaining(self) -> int:
+        """Tokens not yet in the KV cache (1 while decoding, more while prefilling)."""
+        return self.length - self.num_computed
+
+    @property
+    def is_decoding(self) -> bool:
+        """Whether only the last sampled token is left to process."""
+        return self.remaining == 1 and bool(self.output_ids)
