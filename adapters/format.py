@@ -2,9 +2,39 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from adapters.errors import AdapterError
+from adapters.peft_config import (
+    check_targets,
+    is_embedding_or_head,
+    layer_allowed,
+    module_rank_scaling,
+    read_adapter_config,
+    read_manifest,
+)
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+FLOAT32_BYTES = 4
+PEFT_PREFIX = "base_model.model."
+LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<side>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight")
+UNSUPPORTED_KEYS = (
+    (re.compile(r"lora_magnitude_vector"), "DoRA magnitude vectors (lora_magnitude)"),
+    (re.compile(r"lora_embedding_[AB]"), "LoRA on an embedding layer"),
+    (re.compile(r"\.lora_[AB](\.[A-Za-z0-9_-]+)?\.bias$"), "a LoRA bias (lora_bias)"),
+    (re.compile(r"trainable_tokens"), "trainable token embeddings"),
+    (re.compile(r"(modules_to_save|\.weight$|\.bias$)"), "fully trained base weights"),
+)
+Headers = dict[str, dict[str, tuple[str, list[int], str]]]  # module -> side -> (key, shape, dtype)
 
 
 @dataclass
@@ -29,6 +59,7 @@ class AdapterWeights:
     path: str
     modules: dict[str, LoraModule]
     config: dict = field(default_factory=dict)
+    manifest: dict = field(default_factory=dict)
 
     @property
     def rank(self) -> int:
@@ -42,3 +73,183 @@ class AdapterWeights:
             m.A.numel() * m.A.element_size() + m.B.numel() * m.B.element_size()
             for m in self.modules.values()
         )
+
+
+def weights_file(folder: Path) -> Path:
+    """The adapter's safetensors file; pickle checkpoints are refused and never opened."""
+    file = folder / WEIGHTS_FILE
+    if file.is_file():
+        return file
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise AdapterError(
+            f"refusing pickle weights {', '.join(pickles)} (unsafe to load); "
+            f"save the adapter as {WEIGHTS_FILE}",
+            "pickle_weights_refused",
+        )
+    raise AdapterError(f"{WEIGHTS_FILE} is missing in {folder}", "missing_adapter_weights")
+
+
+def _module_of(key: str, shapes: dict[str, tuple[int, int]]) -> tuple[str, str]:
+    """(base module path, "A" or "B") of a PEFT tensor key; keys of non-LoRA parts are refused."""
+    short = key.removeprefix(PEFT_PREFIX)
+    match = LORA_KEY.fullmatch(short)
+    if match is None:
+        for pattern, what in UNSUPPORTED_KEYS:
+            if pattern.search(short):
+                raise AdapterError(
+                    f"unsupported adapter: tensor {key!r} holds {what}", "unsupported_adapter"
+                )
+        raise AdapterError(f"unexpected tensor {key!r} in {WEIGHTS_FILE}", "unexpected_tensor")
+    module = match.group("module")
+    if module not in shapes:
+        if is_embedding_or_head(module):
+            raise AdapterError(
+                f"unsupported adapter: LoRA on {module!r}; only decoder linear layers are served",
+                "unsupported_adapter",
+            )
+        raise AdapterError(
+            f"target module {module!r} (tensor {key!r}) is not a decoder linear layer of the base",
+            "unknown_target_module",
+        )
+    return module, match.group("side")
+
+
+def _check_module(
+    module: str,
+    sides: dict[str, tuple[str, list[int], str]],
+    config: dict,
+    shapes: dict[str, tuple[int, int]],
+    max_rank: int,
+) -> float:
+    """Check one module's A/B headers against the config and the base; returns its scaling."""
+    if set(sides) != {"A", "B"}:
+        have, lack = next(iter(sides)), ({"A", "B"} - set(sides)).pop()
+        raise AdapterError(
+            f"module {module!r} has lora_{have} but no lora_{lack}", "incomplete_lora_pair"
+        )
+    if not layer_allowed(config, module):
+        raise AdapterError(
+            f"tensors for {module!r} lie outside layers_to_transform "
+            f"{config['layers_to_transform']!r}",
+            "unexpected_tensor",
+        )
+    rank, scaling = module_rank_scaling(config, module)
+    if rank > max_rank:
+        raise AdapterError(
+            f"module {module!r} has rank {rank}, above this server's max_rank {max_rank}",
+            "rank_too_large",
+        )
+    in_features, out_features = shapes[module]
+    for side, want in (("A", [rank, in_features]), ("B", [out_features, rank])):
+        key, shape, dtype = sides[side]
+        if shape != want:
+            raise AdapterError(
+                f"tensor {key!r} has shape {shape}, expected {want} "
+                f"(rank {rank} from the config, base layer in={in_features} out={out_features})",
+                "shape_mismatch",
+            )
+        if dtype not in FLOAT_DTYPES:
+            raise AdapterError(
+                f"tensor {key!r} has dtype {dtype}; expected one of {', '.join(FLOAT_DTYPES)}",
+                "invalid_dtype",
+            )
+    return scaling
+
+
+def _read_headers(handle: Any, shapes: dict[str, tuple[int, int]]) -> Headers:
+    """Each module's A/B (key, shape, dtype) from the file header, without reading tensor data."""
+    headers: Headers = {}
+    for key in handle.keys():
+        module, side = _module_of(key, shapes)
+        if side in headers.setdefault(module, {}):
+            raise AdapterError(
+                f"module {module!r} has two lora_{side} tensors", "unexpected_tensor"
+            )
+        piece = handle.get_slice(key)
+        headers[module][side] = (key, list(piece.get_shape()), piece.get_dtype())
+    if not headers:
+        raise AdapterError(f"{WEIGHTS_FILE} holds no LoRA tensors", "empty_adapter")
+    return headers
+
+
+def _read_module(
+    handle: Any, sides: dict[str, tuple[str, list[int], str]], scaling: float
+) -> LoraModule:
+    """One module's A and B as float32, refusing NaN or Inf."""
+    a, b = (handle.get_tensor(sides[side][0]).to(torch.float32) for side in "AB")
+    for (key, _, _), tensor in ((sides["A"], a), (sides["B"], b)):
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(f"tensor {key!r} contains NaN or Inf values", "non_finite_weights")
+    return LoraModule(a, b, scaling)
+
+
+def read_lora_tensors(
+    file: Path, config: dict, shapes: dict[str, tuple[int, int]], max_rank: int, max_bytes: int
+) -> dict[str, LoraModule]:
+    """The LoRA modules of a safetensors file as float32: headers checked first, then the values."""
+    try:
+        with safe_open(file, framework="pt") as handle:
+            headers = _read_headers(handle, shapes)
+            scalings = {
+                m: _check_module(m, h, config, shapes, max_rank) for m, h in headers.items()
+            }
+            fp32_bytes = FLOAT32_BYTES * sum(
+                shape[0] * shape[1] for sides in headers.values() for _, shape, _ in sides.values()
+            )
+            if fp32_bytes > max_bytes:
+                raise AdapterError(
+                    f"adapter holds {fp32_bytes} bytes as float32, "
+                    f"above the limit of {max_bytes} bytes",
+                    "adapter_too_large",
+                )
+            return {m: _read_module(handle, headers[m], scalings[m]) for m in sorted(headers)}
+    except AdapterError:
+        raise
+    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+        raise AdapterError(
+            f"corrupt or truncated {WEIGHTS_FILE}: {error}", "corrupt_adapter_weights"
+        ) from error
+
+
+def base_linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of every decoder linear an adapter may target, by module path."""
+    # Imported here: adapters.layer imports this module for LoraModule.
+    from adapters.layer import decoder_linear_names
+
+    return {
+        name: (model.get_submodule(name).in_features, model.get_submodule(name).out_features)
+        for name in decoder_linear_names(model)
+    }
+
+
+def read_adapter(
+    path: str | Path,
+    name: str,
+    shapes: dict[str, tuple[int, int]],
+    max_rank: int,
+    max_bytes: int,
+    base_fingerprint: dict | None = None,
+) -> AdapterWeights:
+    """A PEFT LoRA folder as float32 A/B per base module, or an AdapterError (with a code) that
+    says why the base cannot serve it.
+
+    shapes maps each wrappable base module path to (in_features, out_features); max_bytes bounds
+    both the weights file and the float32 tensors it expands to; base_fingerprint, when given, must
+    equal the one in our trainer's manifest (when the adapter has one).
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise AdapterError(f"adapter folder {folder} does not exist", "adapter_not_found")
+    config = read_adapter_config(folder)
+    check_targets(config, shapes)
+    manifest = read_manifest(folder, base_fingerprint)
+    file = weights_file(folder)
+    size = file.stat().st_size
+    if size > max_bytes:
+        raise AdapterError(
+            f"{file.name} is {size} bytes, above the limit of {max_bytes} bytes",
+            "adapter_too_large",
+        )
+    modules = read_lora_tensors(file, config, shapes, max_rank, max_bytes)
+    return AdapterWeights(name, str(folder), modules, config, manifest)
