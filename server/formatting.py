@@ -1,0 +1,181 @@
+"""Choice deltas -> OpenAI response bodies and stream chunks, for completions and chat completions."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from server.generation import ChoiceDelta, TokenLogprob
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """OpenAI's usage object."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+class ResponseFormat:
+    """Shared state of one response: id, timestamps, per-choice accumulated text and logprobs."""
+
+    object_name = ""
+    chunk_object = ""
+    id_prefix = ""
+
+    def __init__(self, model: str, num_choices: int, logprobs: bool, stream_usage: bool) -> None:
+        self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+        self.logprobs = logprobs
+        self.stream_usage = stream_usage
+        self.texts = [""] * num_choices
+        self.token_logprobs: list[list[TokenLogprob]] = [[] for _ in range(num_choices)]
+        self.finish_reasons: list[str | None] = [None] * num_choices
+
+    def add(self, delta: ChoiceDelta) -> None:
+        """Accumulate a delta for the final (non-streamed) response."""
+        self.texts[delta.index] += delta.text
+        self.token_logprobs[delta.index] += delta.logprobs
+        if delta.finish_reason is not None:
+            self.finish_reasons[delta.index] = delta.finish_reason
+
+    def _envelope(self, choices: list[dict[str, Any]], obj: str) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
+
+    def chunk(self, delta: ChoiceDelta) -> dict[str, Any] | None:
+        """The stream chunk of a delta, or None when it carries nothing."""
+        if not delta.text and not delta.logprobs and delta.finish_reason is None:
+            return None
+        body = self._envelope([self._chunk_choice(delta)], self.chunk_object)
+        if self.stream_usage:
+            body["usage"] = None
+        return body
+
+    def opening_chunks(self) -> list[dict[str, Any]]:
+        """Chunks sent before any text (the chat role announcement)."""
+        return []
+
+    def usage_chunk(self, used: dict[str, int]) -> dict[str, Any]:
+        """The last chunk of a stream with include_usage: no choices, the usage."""
+        body = self._envelope([], self.chunk_object)
+        body["usage"] = used
+        return body
+
+    def response(self, used: dict[str, int]) -> dict[str, Any]:
+        """The whole non-streamed response."""
+        choices = [self._final_choice(i) for i in range(len(self.texts))]
+        body = self._envelope(choices, self.object_name)
+        body["usage"] = used
+        return body
+
+    def _chunk_choice(self, delta: ChoiceDelta) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _final_choice(self, index: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class CompletionFormat(ResponseFormat):
+    """/v1/completions: `text` choices with legacy logprobs (tokens, token_logprobs, ...)."""
+
+    object_name = "text_completion"
+    chunk_object = "text_completion"
+    id_prefix = "cmpl"
+
+    def __init__(self, model: str, num_choices: int, logprobs: bool, stream_usage: bool) -> None:
+        super().__init__(model, num_choices, logprobs, stream_usage)
+        self.offsets = [0] * num_choices
+
+    def _legacy_logprobs(self, index: int, entries: list[TokenLogprob]) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
+        text_offset = []
+        for entry in entries:
+            text_offset.append(self.offsets[index])
+            self.offsets[index] += len(entry.token)
+        return {
+            "tokens": [e.token for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [dict(e.top) for e in entries],
+            "text_offset": text_offset,
+        }
+
+    def _chunk_choice(self, delta: ChoiceDelta) -> dict[str, Any]:
+        return {
+            "index": delta.index,
+            "text": delta.text,
+            "logprobs": self._legacy_logprobs(delta.index, delta.logprobs),
+            "finish_reason": delta.finish_reason,
+        }
+
+    def _final_choice(self, index: int) -> dict[str, Any]:
+        return {
+            "index": index,
+            "text": self.texts[index],
+            "logprobs": self._legacy_logprobs(index, self.token_logprobs[index]),
+            "finish_reason": self.finish_reasons[index],
+        }
+
+
+def _chat_entry(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+
+class ChatFormat(ResponseFormat):
+    """/v1/chat/completions: assistant messages (deltas when streamed) with chat logprobs."""
+
+    object_name = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+    id_prefix = "chatcmpl"
+
+    def _chat_logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
+        content = []
+        for e in entries:
+            entry = _chat_entry(e.token, e.logprob)
+            entry["top_logprobs"] = [_chat_entry(t, lp) for t, lp in e.top]
+            content.append(entry)
+        return {"content": content, "refusal": None}
+
+    def opening_chunks(self) -> list[dict[str, Any]]:
+        """One chunk per choice announcing the assistant role."""
+        chunks = []
+        for index in range(len(self.texts)):
+            choice = {
+                "index": index,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+            body = self._envelope([choice], self.chunk_object)
+            if self.stream_usage:
+                body["usage"] = None
+            chunks.append(body)
+        return chunks
+
+    def _chunk_choice(self, delta: ChoiceDelta) -> dict[str, Any]:
+        return {
+            "index": delta.index,
+            "delta": {"content": delta.text} if delta.text or delta.logprobs else {},
+            "logprobs": self._chat_logprobs(delta.logprobs),
+            "finish_reason": delta.finish_reason,
+        }
+
+    def _final_choice(self, index: int) -> dict[str, Any]:
+        return {
+            "index": index,
+            "message": {"role": "assistant", "content": self.texts[index], "refusal": None},
+            "logprobs": self._chat_logprobs(self.token_logprobs[index]),
+            "finish_reason": self.finish_reasons[index],
+        }

@@ -1,0 +1,226 @@
+"""One HTTP request's engine requests (prompts x n choices), merged into one stream of choice deltas.
+
+Each choice is its own engine request (seed, seed+1, ... per prompt). Text is detokenized incrementally
+and cut at stop strings here; a choice that hits a stop string is aborted in the engine at once. `start`
+waits for every choice's first output, so engine refusals (unknown adapter, context too long,
+overloaded) surface as HTTP errors before any response byte is sent. `close` aborts whatever is still
+running: call it in a `finally` so a disconnected client frees its sequences.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.engine.types import EngineError, SamplingParams, TokenOutput
+from server.errors import APIError
+from server.stops import IncrementalDetokenizer, StopMatcher
+
+log = logging.getLogger("loraplex.http")
+
+Event = tuple[int, TokenOutput | BaseException | None]  # None: the engine stream ended
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token's text, logprob and top alternatives (text, logprob)."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class ChoiceDelta:
+    """New text (maybe empty) of one choice, the logprobs of the tokens behind it, and its end."""
+
+    index: int
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class ChoiceState:
+    """Per-choice bookkeeping: detokenizer, stop matcher, counts, timing."""
+
+    detok: IncrementalDetokenizer
+    stops: StopMatcher
+    tokens: int = 0
+    finish_reason: str | None = None
+    last_token_at: float | None = None
+
+
+TokenObserver = Callable[[float | None, float | None], None]  # (ttft_s, inter_token_s)
+
+
+class Generation:
+    """The engine requests of one HTTP request; iterate `deltas()` after `start()`."""
+
+    def __init__(
+        self,
+        engine: Any,
+        tokenizer: Any,
+        prompts: list[list[int]],
+        adapter: str | None,
+        params: SamplingParams,
+        n: int,
+        stops: list[str],
+        request_id: str,
+        timeout_s: float,
+        on_token: TokenObserver | None = None,
+    ) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.adapter = adapter
+        self.request_id = request_id
+        self.on_token = on_token
+        self.started_at = time.monotonic()
+        self.deadline = self.started_at + timeout_s
+        self.prompt_tokens = sum(len(p) for p in prompts)
+        self.jobs: list[tuple[list[int], SamplingParams]] = []
+        self.states: list[ChoiceState] = []
+        for prompt in prompts:
+            for j in range(n):
+                seed = None if params.seed is None else params.seed + j
+                self.jobs.append((prompt, dataclasses.replace(params, seed=seed)))
+                self.states.append(
+                    ChoiceState(IncrementalDetokenizer(tokenizer, prompt), StopMatcher(stops))
+                )
+        self.want_logprobs = params.logprobs is not None
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._buffer: deque[Event] = deque()
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated so far over all choices."""
+        return sum(s.tokens for s in self.states)
+
+    def engine_id(self, index: int) -> str:
+        """The engine request id of choice index."""
+        return f"{self.request_id}-{index}"
+
+    async def _pump(self, index: int) -> None:
+        prompt, params = self.jobs[index]
+        try:
+            async for out in self.engine.generate(
+                prompt, self.adapter, params, self.engine_id(index)
+            ):
+                self._queue.put_nowait((index, out))
+        except Exception as error:  # noqa: BLE001 - handed to the consumer
+            self._queue.put_nowait((index, error))
+        finally:
+            self._queue.put_nowait((index, None))
+
+    async def _next(self, buffered: bool = True) -> Event:
+        if buffered and self._buffer:
+            return self._buffer.popleft()
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        return await asyncio.wait_for(self._queue.get(), remaining)
+
+    async def start(self) -> None:
+        """Submit every choice and wait for each one's first output; raise if any was refused."""
+        self._tasks = [asyncio.create_task(self._pump(i)) for i in range(len(self.jobs))]
+        seen: set[int] = set()
+        try:
+            while len(seen) < len(self.jobs):
+                event = await self._next(buffered=False)
+                index, item = event
+                if isinstance(item, EngineError):
+                    raise item
+                if isinstance(item, BaseException):
+                    raise RuntimeError(f"engine failed: {item}") from item
+                seen.add(index)
+                self._buffer.append(event)
+        except TimeoutError:
+            self.close()
+            raise APIError("the request timed out in the queue", 504, "timeout") from None
+        except BaseException:
+            self.close()
+            raise
+
+    async def deltas(self) -> AsyncIterator[ChoiceDelta]:
+        """Text deltas of all choices in arrival order, each choice ending with a finish_reason."""
+        try:
+            while any(s.finish_reason is None for s in self.states):
+                try:
+                    index, item = await self._next()
+                except TimeoutError:
+                    for index, state in enumerate(self.states):
+                        if state.finish_reason is None:
+                            yield self._finish(index, "abort", "", [])
+                    return
+                if self.states[index].finish_reason is not None:
+                    continue
+                delta = self._on_event(index, item)
+                if delta is not None:
+                    yield delta
+        finally:
+            self.close()
+
+    def _on_event(self, index: int, item: TokenOutput | BaseException | None) -> ChoiceDelta | None:
+        state = self.states[index]
+        if item is None or isinstance(item, BaseException):
+            if item is not None:
+                log.error("engine stream of %s failed: %r", self.engine_id(index), item)
+            return self._finish(index, "error", "", [], "the engine failed")
+        text, logprobs = "", []
+        if item.token_id is not None:
+            state.tokens += 1
+            self._observe(state)
+            text = state.stops.feed(state.detok.add(item.token_id))
+            if self.want_logprobs and item.logprob is not None:
+                logprobs.append(self._logprob(item))
+            if state.stops.stopped:
+                return self._finish(index, "stop", text, logprobs)
+        if item.finish_reason is not None:
+            text += state.stops.feed(state.detok.flush())
+            reason = "stop" if state.stops.stopped else item.finish_reason
+            return self._finish(index, reason, text + state.stops.flush(), logprobs, item.error)
+        return ChoiceDelta(index, text, logprobs)
+
+    def _finish(
+        self,
+        index: int,
+        reason: str,
+        text: str,
+        logprobs: list[TokenLogprob],
+        error: str | None = None,
+    ) -> ChoiceDelta:
+        self.states[index].finish_reason = reason
+        self._abort(index)
+        return ChoiceDelta(index, text, logprobs, reason, error)
+
+    def _observe(self, state: ChoiceState) -> None:
+        now = time.monotonic()
+        if self.on_token is not None:
+            if state.last_token_at is None:
+                self.on_token(now - self.started_at, None)
+            else:
+                self.on_token(None, now - state.last_token_at)
+        state.last_token_at = now
+
+    def _logprob(self, out: TokenOutput) -> TokenLogprob:
+        decode = self.tokenizer.decode
+        top = [(decode([tid]), lp) for tid, lp in out.top_logprobs]
+        return TokenLogprob(decode([out.token_id]), float(out.logprob), top)
+
+    def _abort(self, index: int) -> None:
+        if index < len(self._tasks) and not self._tasks[index].done():
+            self._tasks[index].cancel()
+            self.engine.abort(self.engine_id(index))
+
+    def close(self) -> None:
+        """Abort every choice still running in the engine (safe to call more than once)."""
+        for index in range(len(self._tasks)):
+            self._abort(index)

@@ -1,0 +1,150 @@
+"""Prometheus metrics of one app: HTTP requests, token latencies, engine gauges, per-adapter counters.
+
+Each app owns its CollectorRegistry. Engine figures (running/waiting sequences, KV blocks, resident
+adapters, step counters) are read from `engine.stats()` at scrape time. Adapter labels are bounded by
+the engine's registry: a name it does not know is labelled "unknown".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+UNKNOWN = "unknown"
+
+
+class EngineCollector(Collector):
+    """Gauges and counters read from the engine's stats at each scrape."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterable[Metric]:
+        """The engine's current figures."""
+        s = self.engine.stats()
+        gauges = {
+            "loraplex_running_sequences": ("sequences in the running batch", s.running),
+            "loraplex_waiting_sequences": ("sequences waiting to be scheduled", s.waiting),
+            "loraplex_kv_used_blocks": ("KV cache blocks in use", s.kv_used_blocks),
+            "loraplex_kv_total_blocks": ("KV cache blocks in the pool", s.kv_total_blocks),
+            "loraplex_kv_usage_ratio": (
+                "fraction of KV cache blocks in use",
+                s.kv_used_blocks / s.kv_total_blocks if s.kv_total_blocks else 0.0,
+            ),
+            "loraplex_resident_adapters": ("adapters holding a device slot", s.resident_adapters),
+            "loraplex_registered_adapters": (
+                "adapters the server can serve",
+                len(self.engine.adapter_names()),
+            ),
+        }
+        for name, (doc, value) in gauges.items():
+            yield GaugeMetricFamily(name, doc, value=value)
+        counters = {
+            "loraplex_engine_steps": ("engine steps run", s.steps),
+            "loraplex_engine_preemptions": ("sequences preempted for KV space", s.preemptions),
+            "loraplex_engine_generated_tokens": (
+                "tokens sampled by the engine",
+                s.generated_tokens,
+            ),
+        }
+        for name, (doc, value) in counters.items():
+            yield CounterMetricFamily(name, doc, value=value)
+
+
+class Metrics:
+    """The app's registry and the instruments the HTTP layer updates."""
+
+    def __init__(self, engine: Any, base_name: str) -> None:
+        self.engine = engine
+        self.base_name = base_name
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "loraplex_http_requests",
+            "HTTP requests by route and status",
+            ["route", "status"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "loraplex_time_to_first_token_seconds",
+            "time from request arrival to a choice's first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "loraplex_inter_token_latency_seconds",
+            "time between consecutive tokens of a choice",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "loraplex_generated_tokens", "tokens generated for HTTP requests", registry=r
+        )
+        self.adapter_requests = Counter(
+            "loraplex_adapter_requests", "generation requests by model", ["adapter"], registry=r
+        )
+        self.adapter_tokens = Counter(
+            "loraplex_adapter_generated_tokens",
+            "generated tokens by model",
+            ["adapter"],
+            registry=r,
+        )
+        r.register(EngineCollector(engine))
+
+    def adapter_label(self, model: str) -> str:
+        """model itself if it is the base or a known adapter, else "unknown"."""
+        if model == self.base_name or model in self.engine.adapter_names():
+            return model
+        return UNKNOWN
+
+    def request_started(self, model: str) -> Callable[[float | None, float | None], None]:
+        """Count a generation request for model; returns the per-token observer for it."""
+        label = self.adapter_label(model)
+        self.adapter_requests.labels(label).inc()
+        tokens = self.adapter_tokens.labels(label)
+
+        def on_token(ttft: float | None, gap: float | None) -> None:
+            self.tokens.inc()
+            tokens.inc()
+            if ttft is not None:
+                self.ttft.observe(ttft)
+            if gap is not None:
+                self.itl.observe(gap)
+
+        return on_token
+
+    def render(self) -> bytes:
+        """The registry in Prometheus' text format."""
+        return generate_latest(self.registry)
+
+
+class RequestMetricsMiddleware:
+    """Counts every HTTP request by route template (unmatched paths as "other") and status."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on, recording the status of its response start."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500}
+
+        async def record(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "other"
+            self.metrics.requests.labels(route, str(status["code"])).inc()

@@ -1,0 +1,80 @@
+"""The OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+
+from server.formatting import ChatFormat, CompletionFormat
+from server.responding import respond
+from server.schemas import ChatCompletionRequest, CompletionRequest
+from server.state import get_state
+from server.translate import (
+    chat_logprobs,
+    chat_max_tokens,
+    check_common,
+    completion_max_tokens,
+    encode_chat,
+    encode_completion_prompts,
+    sampling_params,
+)
+
+router = APIRouter(prefix="/v1")
+
+
+@router.get("/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    """The base model and every adapter (adapters name the base as `parent`, as vLLM does)."""
+    st = get_state(request)
+    base = {
+        "id": st.base_name,
+        "object": "model",
+        "created": st.started,
+        "owned_by": "loraplex",
+        "root": str(st.engine.base.path),
+        "parent": None,
+        "max_model_len": st.engine.max_model_len,
+    }
+    adapters = [
+        {
+            "id": name,
+            "object": "model",
+            "created": st.started,
+            "owned_by": "loraplex",
+            "root": info["path"],
+            "parent": st.base_name,
+        }
+        for name, info in st.engine.adapter_info().items()
+    ]
+    return {"object": "list", "data": [base, *adapters]}
+
+
+@router.post("/completions")
+async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    """Text completion of one or more prompts, n choices each."""
+    st = get_state(request)
+    check_common(body)
+    prompts = encode_completion_prompts(st.tokenizer, body)
+    params = sampling_params(body, completion_max_tokens(body), body.logprobs)
+    n = body.n or 1
+    fmt = CompletionFormat(
+        body.model, len(prompts) * n, body.logprobs is not None, body.include_usage
+    )
+    gen = st.generation(body.model, prompts, params, n, body.stops, fmt.id)
+    return await respond(request, gen, fmt, bool(body.stream))
+
+
+@router.post("/chat/completions")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    """Chat completion: the messages through the base's chat template, n choices."""
+    st = get_state(request)
+    check_common(body)
+    logprobs = chat_logprobs(body)
+    prompt = encode_chat(st.tokenizer, body)
+    max_tokens = chat_max_tokens(body, len(prompt), st.engine.max_model_len)
+    params = sampling_params(body, max_tokens, logprobs)
+    n = body.n or 1
+    fmt = ChatFormat(body.model, n, logprobs is not None, body.include_usage)
+    gen = st.generation(body.model, [prompt], params, n, body.stops, fmt.id)
+    return await respond(request, gen, fmt, bool(body.stream))

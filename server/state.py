@@ -1,0 +1,65 @@
+"""What the routes share: the engine, config, metrics, and how a request becomes a Generation."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from server.config import Config
+from server.engine.types import SamplingParams
+from server.generation import Generation
+from server.metrics import Metrics
+from server.translate import resolve_model
+
+
+@dataclass
+class ServerState:
+    """The app's engine, config and metrics (stored on app.state.loraplex)."""
+
+    engine: Any
+    config: Config
+    metrics: Metrics
+    started: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def base_name(self) -> str:
+        """The id of the bare base model in the API."""
+        return self.engine.base.name
+
+    @property
+    def tokenizer(self) -> Any:
+        """The base model's tokenizer (chat template, detokenization)."""
+        return self.engine.base.tokenizer
+
+    def generation(
+        self,
+        model: str,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        n: int,
+        stops: list[str],
+        request_id: str,
+    ) -> Generation:
+        """The engine requests for `model` (404 if unknown), counted in the per-adapter metrics."""
+        on_token = self.metrics.request_started(model)
+        adapter = resolve_model(model, self.base_name, self.engine.adapter_names())
+        return Generation(
+            self.engine,
+            self.tokenizer,
+            prompts,
+            adapter,
+            params,
+            n,
+            stops,
+            request_id,
+            self.config.request_timeout_s,
+            on_token,
+        )
+
+
+def get_state(request: Request) -> ServerState:
+    """The ServerState of the app serving request."""
+    return request.app.state.loraplex
