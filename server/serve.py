@@ -1,27 +1,89 @@
-"""`loraplex serve`: load the base once and report readiness."""
+"""`loraplex serve`: load the base, start the engine with the adapters folder, serve HTTP with uvicorn."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from pathlib import Path
+from typing import Any
 
+import uvicorn
+
+from adapters.errors import AdapterError
 from loader.memory import memory_report
 from loader.model import load_base
-from server.config import Config
+from server.config import Config, ConfigError
 
 log = logging.getLogger("loraplex.serve")
 
+GRACEFUL_SHUTDOWN_S = 5
+
+
+def load_adapters_dir(engine: Any, folder: str | None) -> list[str]:
+    """Load each subfolder holding adapter_config.json as an adapter named after it; skip bad ones."""
+    if folder is None:
+        return []
+    root = Path(folder)
+    if not root.is_dir():
+        raise ConfigError(f"--adapters {folder}: no such folder")
+    loaded = []
+    for sub in sorted(p for p in root.iterdir() if (p / "adapter_config.json").is_file()):
+        if sub.name == engine.base.name:
+            log.error("adapter %s skipped: its name is the base model's id", sub)
+            continue
+        try:
+            engine.load_adapter(sub.name, str(sub))
+        except (AdapterError, OSError, ValueError) as error:
+            log.error("adapter %s skipped: %s", sub, error)
+            continue
+        loaded.append(sub.name)
+    return loaded
+
+
+def url_of(host: str, port: int) -> str:
+    """http://host:port, with IPv6 hosts in brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def run_http(app: Any, config: Config, ready: str) -> int:
+    """Serve app until a signal stops uvicorn; log the ready line (with the bound URL) once listening."""
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level="info",
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        port = server.servers[0].sockets[0].getsockname()[1]
+        log.info("ready: %s %s", url_of(config.host, port), ready)
+    await task
+    return 0 if server.started else 1
+
 
 def serve(config: Config) -> int:
-    """Load the base model, log the memory report and the ready line."""
+    """Load the base and adapters, start the engine and serve the API until interrupted."""
+    from server.app import create_app
+    from server.engine.engine import AsyncEngine
+
     started = time.perf_counter()
     base = load_base(config)
     log.info("%s", memory_report(base.model).format())
-    log.info(
-        "ready: %s loaded from %s in %.1fs (quant=%s)",
-        base.name,
-        base.path,
-        time.perf_counter() - started,
-        config.quant,
-    )
-    return 0
+    engine = AsyncEngine(base, config)
+    adapters = load_adapters_dir(engine, config.adapters_dir)
+    engine.start()
+    try:
+        app = create_app(engine, config)
+        ready = (
+            f"(model {base.name} from {base.path}, {len(adapters)} adapters, quant={config.quant}, "
+            f"loaded in {time.perf_counter() - started:.1f}s)"
+        )
+        return asyncio.run(run_http(app, config, ready))
+    finally:
+        engine.shutdown()
