@@ -94,7 +94,8 @@ class MultiLoraLinear(nn.Module):
             delta = lora_reference(flat, self.lora_A, self.lora_B, routing.tokens)
         else:
             delta = lora_grouped(flat, self.lora_A, self.lora_B, routing.plan)
-        return (y + delta.view(*y.shape[:-1], self.out_features)).to(y.dtype)
+        # as PEFT does: the LoRA output is cast to the base output's dtype, then added
+        return y + delta.view(*y.shape[:-1], self.out_features).to(y.dtype)
 
 
 def is_base_linear(module: nn.Module) -> bool:
@@ -103,12 +104,18 @@ def is_base_linear(module: nn.Module) -> bool:
 
 
 def decoder_linear_names(model: nn.Module) -> list[str]:
-    """Paths of every linear layer inside the decoder blocks (lm_head and embeddings excluded)."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if is_base_linear(module) and ".layers." in f".{name}" and not name.endswith("lm_head")
-    ]
+    """Paths of every linear layer inside the decoder blocks (lm_head and embeddings excluded).
+
+    A layer already wrapped by MultiLoraLinear is reported under its own path, not its inner base.
+    """
+    names: list[str] = []
+    for name, module in model.named_modules():
+        if names and name.startswith(names[-1] + "."):
+            continue  # the base inside a wrapper
+        wrappable = isinstance(module, MultiLoraLinear) or is_base_linear(module)
+        if wrappable and ".layers." in f".{name}" and not name.endswith("lm_head"):
+            names.append(name)
+    return names
 
 
 def attach_multi_lora(
@@ -117,6 +124,8 @@ def attach_multi_lora(
     """Wrap every decoder linear of model in place; returns the wrappers by base module path."""
     wrapped: dict[str, MultiLoraLinear] = {}
     for name in decoder_linear_names(model):
+        if isinstance(model.get_submodule(name), MultiLoraLinear):
+            raise ValueError(f"{name} is already wrapped")
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         layer = MultiLoraLinear(getattr(parent, child), routing, max_rank, dtype)

@@ -19,16 +19,20 @@ class Sample:
 
 
 def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask logits [V] outside top-k and outside the top-p nucleus with -inf."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    """Mask logits [V] outside the top-k and outside the top-p nucleus with -inf.
+
+    bf16 logits tie often: a stable sort breaks ties by token id, as argmax does, so top_k=1 is greedy.
+    """
+    if not top_k and top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True, stable=True)  # [V], [V]
+    drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if top_k:
+        drop[top_k:] = True
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)
-        drop = cumulative - torch.softmax(sorted_logits, -1) >= top_p  # keep the token crossing p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return logits
+        probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), -1)
+        drop |= probs.cumsum(-1) - probs >= top_p  # keep the token that crosses p
+    return logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[Sample]:
