@@ -12,8 +12,9 @@ from torch import nn
 
 from adapters.format import LoraModule
 from adapters.lora_ops import GroupPlan, lora_grouped, lora_reference
+from adapters.triton_lora import lora_triton
 
-LORA_OPS = ("grouped", "reference")
+LORA_OPS = ("grouped", "reference", "triton")
 
 
 class StepRouting:
@@ -62,6 +63,8 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer(
             "lora_B", torch.zeros(slots, self.out_features, max_rank, dtype=dtype, device=device)
         )
+        # real rank per slot, read by the Triton kernels so padding past it is never touched
+        self.register_buffer("slot_ranks", torch.zeros(slots, dtype=torch.int32, device=device))
         self.active: set[int] = set()
 
     @property
@@ -73,6 +76,7 @@ class MultiLoraLinear(nn.Module):
         """Write an adapter's A and scaled B into a slot (None clears the slot)."""
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
+        self.slot_ranks[slot] = 0
         self.active.discard(slot)
         if module is None:
             return
@@ -81,6 +85,7 @@ class MultiLoraLinear(nn.Module):
             raise ValueError(f"rank {r} exceeds the slot capacity {self.max_rank}")
         self.lora_A[slot, :r] = module.A.to(self.lora_A.dtype)
         self.lora_B[slot, :, :r] = module.B.to(self.lora_B.dtype) * module.scaling
+        self.slot_ranks[slot] = r
         self.active.add(slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,6 +97,8 @@ class MultiLoraLinear(nn.Module):
         flat = x.reshape(-1, self.in_features)  # [T, in]
         if routing.op == "reference":
             delta = lora_reference(flat, self.lora_A, self.lora_B, routing.tokens)
+        elif routing.op == "triton":
+            delta = lora_triton(flat, self.lora_A, self.lora_B, routing.tokens, self.slot_ranks)
         else:
             delta = lora_grouped(flat, self.lora_A, self.lora_B, routing.plan)
         # as PEFT does: the LoRA output is cast to the base output's dtype, then added
