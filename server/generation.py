@@ -61,6 +61,13 @@ class ChoiceState:
 TokenObserver = Callable[[float | None, float | None], None]  # (ttft_s, inter_token_s)
 
 
+def refused(out: TokenOutput) -> APIError:
+    """The HTTP error for a request the engine failed before its first token."""
+    code = getattr(out, "error_code", None) or "internal_error"  # error_code: newer engines
+    status = {"internal_error": 500, "model_not_found": 404}.get(code, 503)
+    return APIError(out.error or "the engine failed on this request", status, code)
+
+
 class Generation:
     """The engine requests of one HTTP request; iterate `deltas()` after `start()`."""
 
@@ -140,6 +147,8 @@ class Generation:
                     raise item
                 if isinstance(item, BaseException):
                     raise RuntimeError(f"engine failed: {item}") from item
+                if item is not None and item.token_id is None and item.finish_reason == "error":
+                    raise refused(item)
                 seen.add(index)
                 self._buffer.append(event)
         except TimeoutError:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,6 +39,7 @@ class FakeEngine:
         self.calls: list[tuple[list[int], str | None, SamplingParams, str]] = []
         self.overloaded = False
         self.fail = False
+        self.first_error: str | None = None  # error_code of an "error" finish before any token
         self.delay_s = 0.0
 
     def adapter_names(self) -> list[str]:
@@ -58,6 +60,11 @@ class FakeEngine:
         if self.fail:
             raise RuntimeError("boom")
         self.calls.append((list(prompt_ids), adapter, params, request_id))
+        if self.first_error is not None:
+            out = TokenOutput(request_id, None, "error", error="cannot run")
+            out.error_code = self.first_error or None
+            yield out
+            return
         self.active.add(request_id)
         top = params.logprobs or 0
         try:
@@ -127,33 +134,15 @@ def adapters_dir(peft_adapters: dict[str, Path]) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def server(
-    demo_path: Path, adapters_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[SimpleNamespace]:
-    """`loraplex serve` on the demo model and test adapters, on a free loopback port: url, log."""
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "server.cli",
-        "serve",
-        "--model",
-        str(demo_path),
-        "--adapters",
-        str(adapters_dir),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--max-waiting",
-        "64",
-    ]
+@contextmanager
+def serve_process(args: list[str], log_path: Path) -> Iterator[SimpleNamespace]:
+    """`loraplex serve ARGS` on a free loopback port while the block runs: url, log, proc."""
+    command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0"]
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([*command, *args], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        yield SimpleNamespace(url=_wait_ready(proc, log_path), log=log_path)
+        yield SimpleNamespace(url=_wait_ready(proc, log_path), log=log_path, proc=proc)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -161,6 +150,23 @@ def server(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def launch_server() -> object:
+    """serve_process, for test modules that need a server with their own flags."""
+    return serve_process
+
+
+@pytest.fixture(scope="session")
+def server(
+    demo_path: Path, adapters_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SimpleNamespace]:
+    """`loraplex serve` on the demo model and test adapters, on a free loopback port: url, log."""
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    args = ["--model", str(demo_path), "--adapters", str(adapters_dir), "--max-waiting", "64"]
+    with serve_process(args, log_path) as running:
+        yield running
 
 
 def _wait_ready(proc: subprocess.Popen, log_path: Path) -> str:

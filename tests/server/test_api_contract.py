@@ -114,6 +114,13 @@ def test_engine_refusals_map_to_status_codes(fake_client, fake_engine):
     assert_error(completion(fake_client), 500, code="internal_error")
 
 
+def test_an_engine_failure_before_the_first_token_is_an_http_error(fake_client, fake_engine):
+    fake_engine.first_error = "adapter_unavailable"
+    assert_error(chat(fake_client, stream=True), 503, code="adapter_unavailable")
+    fake_engine.first_error = ""
+    assert_error(completion(fake_client), 500, code="internal_error")
+
+
 def test_api_key_guards_v1_only(fake_engine, fake_client_with):
     client = fake_client_with(fake_engine, api_key="s3cret")
     assert_error(client.get("/v1/models"), 401, code="invalid_api_key")
