@@ -1,44 +1,19 @@
-"""The FastAPI app: OpenAI routes, /health, /metrics, API-key check, request metrics, error shape."""
+"""The FastAPI app: OpenAI routes, /health, /metrics, the guard (keys, limits, draining), errors."""
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.types import ASGIApp, Receive, Scope, Send
 
+from server.auth import KeyRing, load_keys
 from server.config import Config
-from server.errors import error_body, install_error_handlers
+from server.errors import install_error_handlers
+from server.guards import Drain, Guard, Limits
 from server.metrics import Metrics, RequestMetricsMiddleware
 from server.openai_routes import router as openai_router
 from server.state import ServerState, get_state
-
-PROTECTED_PREFIX = "/v1"
-
-
-class ApiKeyMiddleware:
-    """Requires `Authorization: Bearer <key>` on /v1/* when a key is configured; else 401."""
-
-    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Refuse a protected request without the right key; pass everything else on."""
-        path = scope.get("path", "")
-        protected = path == PROTECTED_PREFIX or path.startswith(PROTECTED_PREFIX + "/")
-        if self.expected is None or scope["type"] != "http" or not protected:
-            await self.app(scope, receive, send)
-            return
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if hmac.compare_digest(given, self.expected):
-            await self.app(scope, receive, send)
-            return
-        body = error_body("Incorrect or missing API key.", 401, "invalid_api_key")
-        await JSONResponse(body, status_code=401)(scope, receive, send)
 
 
 def create_app(engine: Any, config: Config) -> FastAPI:
@@ -59,6 +34,11 @@ def create_app(engine: Any, config: Config) -> FastAPI:
         """Prometheus text exposition of this app's registry."""
         return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+    app.state.drain = Drain()
+    limits = Limits(config.max_body_bytes, config.max_n)
+    keys = KeyRing(load_keys(config))
+    app.add_middleware(
+        Guard, keys=keys, limits=limits, drain=app.state.drain, base_name=engine.base.name
+    )
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app

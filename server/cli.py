@@ -36,7 +36,11 @@ HELP = {
     "served_model_name": "id of the bare base in the API",
     "max_waiting": "waiting-queue bound; beyond it requests get 429",
     "request_timeout_s": "seconds before a request is aborted",
-    "api_key": "if set, /v1/* requires `Authorization: Bearer <key>`",
+    "api_key": "if set, /v1/* requires `Authorization: Bearer <key>` (an admin key, all adapters)",
+    "api_keys_file": 'JSON list of {key, role: user|admin, adapters: [names] | "*"}',
+    "max_body_bytes": "largest request body accepted (413 beyond)",
+    "max_n": "most choices (n) per request",
+    "shutdown_grace_s": "seconds in-flight requests may run after SIGTERM before being aborted",
 }
 FLAG_NAMES = {
     "adapters_dir": "adapters",
@@ -103,6 +107,10 @@ HTTP_FIELDS = (
     "max_waiting",
     "request_timeout_s",
     "api_key",
+    "api_keys_file",
+    "max_body_bytes",
+    "max_n",
+    "shutdown_grace_s",
 )
 
 

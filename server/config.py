@@ -46,6 +46,10 @@ class Config:
     max_waiting: int = 256
     request_timeout_s: float = 600.0
     api_key: str | None = field(default=None, repr=False)
+    api_keys_file: str | None = None
+    max_body_bytes: int = 1024 * 1024
+    max_n: int = 8
+    shutdown_grace_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.quant not in QUANT_TYPES:
@@ -66,12 +70,16 @@ class Config:
             "max_lora_rank",
             "max_adapter_bytes",
             "max_waiting",
+            "max_body_bytes",
+            "max_n",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_cpu_loras < self.max_loras:
             raise ConfigError("max_cpu_loras must be >= max_loras")
+        if self.shutdown_grace_s < 0:
+            raise ConfigError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
         if self.request_timeout_s <= 0:
             raise ConfigError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
         if self.kv_capacity_tokens < self.block_size:

@@ -46,7 +46,8 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         """This error as a JSON response."""
-        return JSONResponse(self.body(), status_code=self.status)
+        retry = {"Retry-After": "1"} if self.status in (429, 503) else None
+        return JSONResponse(self.body(), status_code=self.status, headers=retry)
 
 
 def error_body(

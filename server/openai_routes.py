@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
+from server.auth import may_use
 from server.formatting import ChatFormat, CompletionFormat
 from server.responding import respond
 from server.schemas import ChatCompletionRequest, CompletionRequest
@@ -25,7 +26,7 @@ router = APIRouter(prefix="/v1")
 
 @router.get("/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    """The base model and every adapter (adapters name the base as `parent`, as vLLM does)."""
+    """The base model and every adapter the key may use (adapters name the base as `parent`)."""
     st = get_state(request)
     base = {
         "id": st.base_name,
@@ -46,6 +47,7 @@ async def list_models(request: Request) -> dict[str, Any]:
             "parent": st.base_name,
         }
         for name, info in st.engine.adapter_info().items()
+        if may_use(request, name, st.base_name)
     ]
     return {"object": "list", "data": [base, *adapters]}
 

@@ -14,6 +14,7 @@ from adapters.errors import AdapterError
 from loader.memory import memory_report
 from loader.model import load_base
 from server.config import Config, ConfigError
+from server.shutdown import DrainingServer
 
 log = logging.getLogger("loraplex.serve")
 
@@ -47,15 +48,19 @@ def url_of(host: str, port: int) -> str:
 
 
 async def run_http(app: Any, config: Config, ready: str) -> int:
-    """Serve app until a signal stops uvicorn; log the ready line (with the bound URL) once listening."""
-    server = uvicorn.Server(
+    """Serve app until a signal drains and stops it (server.shutdown); log the ready line (with the
+    bound URL) once listening."""
+    server = DrainingServer(
         uvicorn.Config(
             app,
             host=config.host,
             port=config.port,
             log_level="info",
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-        )
+        ),
+        app.state.drain,
+        app.state.loraplex.engine,
+        config.shutdown_grace_s,
     )
     task = asyncio.create_task(server.serve())
     while not server.started and not task.done():

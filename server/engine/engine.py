@@ -158,6 +158,17 @@ class AsyncEngine:
         self._inbox.put(lambda: self.core.abort(request_id))
         self._wake.set()
 
+    def abort_all(self) -> None:
+        """End every request still streaming with finish_reason "abort" (used at shutdown)."""
+
+        def run() -> None:
+            for request_id in list(self._streams):
+                out = self.core.abort(request_id)
+                self._deliver(out or TokenOutput(request_id, None, "abort"))
+
+        self._inbox.put(run)
+        self._wake.set()
+
     def stats(self) -> EngineStats:
         """A snapshot of the engine's queues and memory."""
         return self.core.stats()
