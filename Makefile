@@ -36,3 +36,19 @@ test: lint
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+
+# Demo adapters: one per checkable demo task (adapters/train/tasks.py), trained on the demo base into
+# $(ADAPTERS)/<task>/ (served by `make serve`). Generated data goes to $(ADAPTERS)/.data/ (dot folders
+# are not served). An interrupted training resumes from its checkpoint; rm -rf $(ADAPTERS) to redo.
+DEMO_TASKS := digits json reverse
+DEMO_STEPS_digits := 60
+DEMO_STEPS_json := 40
+DEMO_STEPS_reverse := 150
+
+demo-adapters: $(STAMP) $(foreach t,$(DEMO_TASKS),$(ADAPTERS)/$(t)/adapter_model.safetensors)
+
+$(ADAPTERS)/%/adapter_model.safetensors: $(STAMP)
+	$(PY) -m adapters.train.tasks $* $(ADAPTERS)/.data/$*.jsonl --n 400 --seed 0
+	$(BIN)/loraplex train --data $(ADAPTERS)/.data/$*.jsonl --out $(ADAPTERS)/$* --task $* \
+		--max-steps $(DEMO_STEPS_$*) --lr 1e-3 --warmup-steps 10 --overwrite \
+		$(if $(wildcard $(ADAPTERS)/.$*.checkpoint),--resume)
