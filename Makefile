@@ -52,3 +52,15 @@ $(ADAPTERS)/%/adapter_model.safetensors: $(STAMP)
 	$(BIN)/loraplex train --data $(ADAPTERS)/.data/$*.jsonl --out $(ADAPTERS)/$* --task $* \
 		--max-steps $(DEMO_STEPS_$*) --lr 1e-3 --warmup-steps 10 --overwrite \
 		$(if $(wildcard $(ADAPTERS)/.$*.checkpoint),--resume)
+
+# Load test (locust, headless, 127.0.0.1 only): the demo base with $(ADAPTERS) plus random adapters up to
+# LT_ADAPTERS, LT_USERS users for LT_DURATION seconds; report under results/loadtest/.
+LT_USERS ?= 16
+LT_DURATION ?= 60
+LT_ADAPTERS ?= 64
+LT_SCENARIO ?= all
+
+loadtest: $(STAMP)
+	$(BIN)/loraplex prepare
+	$(PY) -m loadtests.run --users $(LT_USERS) --duration $(LT_DURATION) --adapters $(LT_ADAPTERS) \
+		--scenario $(LT_SCENARIO) --demo-adapters $(ADAPTERS) --out results/loadtest
