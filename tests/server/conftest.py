@@ -1,15 +1,15 @@
-"""HTTP fixtures: a scripted fake engine behind the real app (fast), and the real server on the demo model."""
+"""HTTP fixtures: the real `loraplex serve` on the demo model and test PEFT adapters."""
 
 from __future__ import annotations
 
-import asyncio
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,109 +18,13 @@ import httpx
 import pytest
 from transformers import AutoTokenizer
 
-from server.engine.types import EngineError, EngineStats, SamplingParams, TokenOutput
-
-FAKE_SCRIPT = " one two three four five six seven eight nine ten eleven twelve"
 SERVER_START_TIMEOUT_S = 240
-
-
-class FakeEngine:
-    """The AsyncEngine API with a scripted completion: FAKE_SCRIPT's tokens, then EOS."""
-
-    def __init__(self, tokenizer: object) -> None:
-        self.base = SimpleNamespace(name="fake-base", tokenizer=tokenizer, path=Path("/fake/base"))
-        self.max_model_len = 128
-        self.adapters = {"ad1": {"path": "/fake/ad1", "rank": 8, "bytes": 1, "resident": True}}
-        self.script_text = FAKE_SCRIPT
-        self.script = tokenizer(FAKE_SCRIPT, add_special_tokens=False).input_ids
-        self.eos = tokenizer.eos_token_id
-        self.active: set[str] = set()
-        self.aborted: list[str] = []
-        self.calls: list[tuple[list[int], str | None, SamplingParams, str]] = []
-        self.overloaded = False
-        self.fail = False
-        self.first_error: str | None = None  # error_code of an "error" finish before any token
-        self.delay_s = 0.0
-
-    def adapter_names(self) -> list[str]:
-        return sorted(self.adapters)
-
-    def adapter_info(self) -> dict[str, dict]:
-        return dict(self.adapters)
-
-    async def generate(
-        self, prompt_ids: list[int], adapter: str | None, params: SamplingParams, request_id: str
-    ) -> AsyncIterator[TokenOutput]:
-        if adapter is not None and adapter not in self.adapters:
-            raise EngineError(f"The model `{adapter}` does not exist.", "model_not_found", 404)
-        if len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise EngineError("too long", "context_length_exceeded", 400)
-        if self.overloaded:
-            raise EngineError("The server is overloaded; retry later.", "overloaded", 429)
-        if self.fail:
-            raise RuntimeError("boom")
-        self.calls.append((list(prompt_ids), adapter, params, request_id))
-        if self.first_error is not None:
-            out = TokenOutput(request_id, None, "error", error="cannot run")
-            out.error_code = self.first_error or None
-            yield out
-            return
-        self.active.add(request_id)
-        top = params.logprobs or 0
-        try:
-            for i in range(params.max_tokens):
-                await asyncio.sleep(self.delay_s)
-                if i == len(self.script):
-                    yield TokenOutput(request_id, self.eos, "stop", -0.1, [], len(prompt_ids))
-                    return
-                reason = "length" if i + 1 == params.max_tokens else None
-                token = self.script[i]
-                yield TokenOutput(
-                    request_id, token, reason, -0.5, [(token, -0.5)] * top, len(prompt_ids)
-                )
-        finally:
-            self.active.discard(request_id)
-
-    def abort(self, request_id: str) -> None:
-        self.aborted.append(request_id)
-
-    def stats(self) -> EngineStats:
-        n = len(self.active)
-        return EngineStats(n, 0, n, 64, 1, 0, 0, 0)
 
 
 @pytest.fixture(scope="session")
 def demo_tokenizer(demo_path: Path) -> object:
     """The demo model's tokenizer (chat template included), without the model."""
     return AutoTokenizer.from_pretrained(demo_path)
-
-
-@pytest.fixture
-def fake_engine(demo_tokenizer: object) -> FakeEngine:
-    """A fresh scripted engine."""
-    return FakeEngine(demo_tokenizer)
-
-
-def make_fake_client(engine: FakeEngine, **config_fields: object) -> object:
-    """A TestClient over the real app wrapping engine."""
-    from fastapi.testclient import TestClient
-
-    from server.app import create_app
-    from server.config import Config
-
-    return TestClient(create_app(engine, Config(**config_fields)), raise_server_exceptions=False)
-
-
-@pytest.fixture
-def fake_client_with() -> object:
-    """make_fake_client, for tests that need a non-default Config."""
-    return make_fake_client
-
-
-@pytest.fixture
-def fake_client(fake_engine: FakeEngine) -> object:
-    """The app over the fake engine, without an API key."""
-    return make_fake_client(fake_engine)
 
 
 # the real server --------------------------------------------------------------------------------
@@ -166,6 +70,50 @@ def server(
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     args = ["--model", str(demo_path), "--adapters", str(adapters_dir), "--max-waiting", "64"]
     with serve_process(args, log_path) as running:
+        yield running
+
+
+# access control: one real server with an API-keys file and small request limits -------------------
+KEYED_BASE = "demo-base"
+KEYED_USER_ADAPTER = "alpha"
+KEYED_KEYS = {
+    "admin": "sk-admin-7f3c9e1b2a4d",
+    "user": "sk-user-5e8a0d6c4b2f",
+    "base_only": "sk-base-9d1f7a3e5c0b",
+}
+KEYED_MAX_BODY_BYTES = 4096
+KEYED_MAX_N = 2
+
+
+@pytest.fixture(scope="module")
+def keyed_server(
+    demo_path: Path, adapters_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SimpleNamespace]:
+    """`loraplex serve` with an admin key (every adapter), a user key limited to one adapter, a
+    base-only key, --max-body-bytes 4096 and --max-n 2: url, log, proc, keys, base."""
+    root = tmp_path_factory.mktemp("keyed")
+    keys_file = root / "keys.json"
+    keys_file.write_text(
+        json.dumps(
+            [
+                {"key": KEYED_KEYS["admin"], "role": "admin", "adapters": "*"},
+                {"key": KEYED_KEYS["user"], "role": "user", "adapters": [KEYED_USER_ADAPTER]},
+                {"key": KEYED_KEYS["base_only"], "role": "user", "adapters": []},
+            ]
+        )
+    )
+    args = [
+        "--model", str(demo_path),
+        "--adapters", str(adapters_dir),
+        "--served-model-name", KEYED_BASE,
+        "--api-keys-file", str(keys_file),
+        "--max-body-bytes", str(KEYED_MAX_BODY_BYTES),
+        "--max-n", str(KEYED_MAX_N),
+    ]  # fmt: skip
+    with serve_process(args, root / "server.log") as running:
+        running.keys = dict(KEYED_KEYS)
+        running.base = KEYED_BASE
+        running.user_adapter = KEYED_USER_ADAPTER
         yield running
 
 

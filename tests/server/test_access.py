@@ -1,115 +1,136 @@
-"""Access control and request limits on the real app over the fake engine: keys, roles, per-key adapters,
-body size, n, overload and draining answers, each in OpenAI's error shape."""
+"""Access control and request limits on a real `loraplex serve` (demo model, test PEFT adapters):
+keys, roles, per-key adapters, body size and n, each in OpenAI's error shape; keys never logged."""
 
 from __future__ import annotations
 
-import json
-
+import httpx
 import pytest
 
 from server.auth import KeyRing, parse_keys
 from server.config import ConfigError
 
-BASE = "fake-base"
 KEYS = [
     {"key": "admin-key", "role": "admin", "adapters": "*"},
     {"key": "user-key", "role": "user", "adapters": ["ad1"]},
-    {"key": "base-only", "role": "user", "adapters": []},
 ]
 
 
-def error_of(response, status: int, code: str) -> dict:
+def error_of(response: httpx.Response, status: int, code: str) -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["code"] == code
     return error
 
 
-@pytest.fixture
-def keyed(fake_engine, fake_client_with, tmp_path):
-    path = tmp_path / "keys.json"
-    path.write_text(json.dumps(KEYS))
-    return fake_client_with(fake_engine, api_keys_file=str(path), max_body_bytes=4096, max_n=2)
+@pytest.fixture(scope="module")
+def http(keyed_server):
+    with httpx.Client(base_url=keyed_server.url, timeout=120) as client:
+        yield client
 
 
-def auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
+def auth(srv, role: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {srv.keys[role]}"}
 
 
-def models(client, key: str) -> list[str]:
-    response = client.get("/v1/models", headers=auth(key))
+def models(http, srv, role: str) -> list[str]:
+    response = http.get("/v1/models", headers=auth(srv, role))
     assert response.status_code == 200, response.text
     return [m["id"] for m in response.json()["data"]]
 
 
-def test_models_list_only_what_the_key_may_use(keyed):
-    assert models(keyed, "admin-key") == [BASE, "ad1"]
-    assert models(keyed, "user-key") == [BASE, "ad1"]
-    assert models(keyed, "base-only") == [BASE]
-    error_of(keyed.get("/v1/models", headers=auth("wrong")), 401, "invalid_api_key")
-    error_of(keyed.get("/v1/models"), 401, "invalid_api_key")
-    assert keyed.get("/health").status_code == 200
+def test_models_list_only_what_the_key_may_use(http, keyed_server, peft_adapters):
+    srv = keyed_server
+    admin = models(http, srv, "admin")
+    assert admin[0] == srv.base and set(peft_adapters) <= set(admin[1:])
+    assert models(http, srv, "user") == [srv.base, srv.user_adapter]
+    assert models(http, srv, "base_only") == [srv.base]
+    wrong = {"Authorization": "Bearer sk-wrong-000"}
+    error_of(http.get("/v1/models", headers=wrong), 401, "invalid_api_key")
+    error_of(http.get("/v1/models"), 401, "invalid_api_key")
+    body = {"model": srv.base, "prompt": "x", "max_tokens": 1}
+    error_of(http.post("/v1/completions", json=body), 401, "invalid_api_key")
+    assert http.get("/health").status_code == 200
 
 
-def test_forbidden_adapter_is_the_same_404_as_an_unknown_one(keyed):
-    body = {"model": "ad1", "prompt": "x", "max_tokens": 2}
-    forbidden = keyed.post("/v1/completions", json=body, headers=auth("base-only"))
-    unknown = keyed.post(
-        "/v1/completions", json={**body, "model": "nope"}, headers=auth("admin-key")
+def test_forbidden_adapter_is_the_same_404_as_an_unknown_one(http, keyed_server, peft_adapters):
+    srv = keyed_server
+    other = next(name for name in sorted(peft_adapters) if name != srv.user_adapter)
+    body = {"model": other, "prompt": "Hello", "max_tokens": 2}
+    forbidden = http.post("/v1/completions", json=body, headers=auth(srv, "user"))
+    unknown = http.post(
+        "/v1/completions", json={**body, "model": "nope"}, headers=auth(srv, "admin")
     )
     a, b = error_of(forbidden, 404, "model_not_found"), error_of(unknown, 404, "model_not_found")
-    assert a["message"].replace("ad1", "X") == b["message"].replace("nope", "X")
+    assert a["message"].replace(other, "X") == b["message"].replace("nope", "X")
     assert a["param"] == b["param"] == "model"
-    ok = keyed.post("/v1/completions", json=body, headers=auth("user-key"))
-    assert ok.status_code == 200, ok.text
-    base = keyed.post("/v1/completions", json={**body, "model": BASE}, headers=auth("base-only"))
-    assert base.status_code == 200, base.text
-
-
-def test_admin_routes_need_an_admin_key(keyed):
-    body = {"lora_name": "x", "lora_path": "/nowhere"}
-    for key in ("user-key", "base-only"):
-        response = keyed.post("/v1/load_lora_adapter", json=body, headers=auth(key))
-        error_of(response, 403, "permission_denied")
-        response = keyed.post("/v1/unload_lora_adapter", json={"lora_name": "x"}, headers=auth(key))
-        error_of(response, 403, "permission_denied")
-    response = keyed.post(
-        "/v1/unload_lora_adapter", json={"lora_name": "x"}, headers=auth("admin-key")
-    )
-    assert response.status_code != 403
-
-
-def test_body_size_and_n_limits(keyed):
-    big = {"model": BASE, "prompt": "x" * 8000, "max_tokens": 2}
+    mine = {**body, "model": srv.user_adapter}
     error_of(
-        keyed.post("/v1/completions", json=big, headers=auth("admin-key")), 413, "request_too_large"
+        http.post("/v1/completions", json=mine, headers=auth(srv, "base_only")),
+        404,
+        "model_not_found",
     )
-    chunked = keyed.post(
+    ok = http.post("/v1/completions", json=mine, headers=auth(srv, "user"))
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["usage"]["completion_tokens"] <= 2
+    admin = http.post("/v1/completions", json=body, headers=auth(srv, "admin"))
+    assert admin.status_code == 200, admin.text
+    base = {**body, "model": srv.base}
+    assert (
+        http.post("/v1/completions", json=base, headers=auth(srv, "base_only")).status_code == 200
+    )
+
+
+def test_admin_routes_need_an_admin_key(http, keyed_server):
+    srv = keyed_server
+    body = {"lora_name": "x", "lora_path": "/nowhere"}
+    for role in ("user", "base_only"):
+        response = http.post("/v1/load_lora_adapter", json=body, headers=auth(srv, role))
+        error_of(response, 403, "permission_denied")
+        response = http.post(
+            "/v1/unload_lora_adapter", json={"lora_name": "x"}, headers=auth(srv, role)
+        )
+        error_of(response, 403, "permission_denied")
+    response = http.post(
+        "/v1/unload_lora_adapter", json={"lora_name": "x"}, headers=auth(srv, "admin")
+    )
+    assert response.status_code not in (401, 403), response.text
+    assert response.status_code < 500, response.text
+
+
+def test_body_size_and_n_limits(http, keyed_server):
+    srv = keyed_server
+    big = {"model": srv.base, "prompt": "x" * 8000, "max_tokens": 1}
+    error_of(
+        http.post("/v1/completions", json=big, headers=auth(srv, "admin")),
+        413,
+        "request_too_large",
+    )
+    chunks = [b'{"model": "' + srv.base.encode() + b'", "prompt": "', b"x" * 5000, b'"}']
+    chunked = http.post(
         "/v1/completions",
-        content=iter([b'{"model": "fake-base", "prompt": "', b"x" * 5000, b'"}']),
-        headers={**auth("admin-key"), "Content-Type": "application/json"},
+        content=iter(chunks),
+        headers={**auth(srv, "admin"), "Content-Type": "application/json"},
     )
     error_of(chunked, 413, "request_too_large")
-    many = {"model": BASE, "prompt": "x", "max_tokens": 2, "n": 3}
+    many = {"model": srv.base, "prompt": "x", "max_tokens": 1, "n": 3}
     error = error_of(
-        keyed.post("/v1/completions", json=many, headers=auth("admin-key")), 400, "invalid_value"
+        http.post("/v1/completions", json=many, headers=auth(srv, "admin")), 400, "invalid_value"
     )
     assert error["param"] == "n"
+    two = http.post("/v1/completions", json={**many, "n": 2}, headers=auth(srv, "admin"))
+    assert two.status_code == 200, two.text
+    assert len(two.json()["choices"]) == 2
 
 
-def test_overload_is_429_with_retry_after(fake_engine, fake_client):
-    fake_engine.overloaded = True
-    response = fake_client.post("/v1/completions", json={"model": BASE, "prompt": "x"})
-    error_of(response, 429, "overloaded")
-    assert response.json()["error"]["type"] == "rate_limit_error"
-    assert response.headers["retry-after"] == "1"
-
-
-def test_draining_server_answers_503(fake_client):
-    fake_client.app.state.drain.draining = True
-    response = fake_client.post("/v1/completions", json={"model": BASE, "prompt": "x"})
-    error_of(response, 503, "shutting_down")
-    assert response.headers["retry-after"] == "1"
+def test_keys_never_reach_the_log(http, keyed_server):
+    srv = keyed_server
+    for role in srv.keys:  # make sure every key has been presented at least once
+        http.get("/v1/models", headers=auth(srv, role))
+    http.get("/v1/models", headers={"Authorization": "Bearer sk-wrong-000"})
+    log = srv.log.read_text(errors="replace")
+    assert "ready:" in log
+    for key in [*srv.keys.values(), "sk-wrong-000"]:
+        assert key not in log
 
 
 def test_key_ring_matches_only_exact_keys():
