@@ -45,6 +45,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     io.add_argument(
         "--overlong", choices=OVERLONG, default=d.overlong, help="what to do with longer examples"
     )
+    io.add_argument("--strict", action="store_true", help="stop on any invalid data line")
     io.add_argument(
         "--eval-split",
         type=float,

@@ -41,6 +41,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_len: int = 512
     overlong: str = "truncate"
+    strict: bool = False
     eval_split: float = 0.05
     eval_every: int = 0
     seed: int = 0

@@ -40,7 +40,7 @@ from server.config import Config
 log = logging.getLogger("loraplex.train")
 
 # Hyperparameters that do not change the trained weights, so a resumed run may change them.
-RESUME_FREE = ("save_every", "eval_every", "task", "task_n")
+RESUME_FREE = ("save_every", "eval_every", "task", "task_n", "strict")
 
 
 @dataclass
@@ -83,7 +83,7 @@ def train(
 
     # Data first (tokenizer only): bad data fails before a large base is loaded.
     tokenizer = AutoTokenizer.from_pretrained(resolve_source(base_config.model))
-    data = load_dataset(Path(data_path), tokenizer, cfg.max_len, cfg.overlong)
+    data = load_dataset(Path(data_path), tokenizer, cfg.max_len, cfg.overlong, cfg.strict)
     train_set, eval_set = split(data.examples, cfg.eval_split, cfg.seed)
     log.info("%d training and %d eval examples from %s", len(train_set), len(eval_set), data_path)
     hyper = {k: v for k, v in cfg.as_dict().items() if k not in RESUME_FREE}
