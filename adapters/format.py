@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from adapters.bulk_read import read_float32
 from adapters.errors import AdapterError
 from adapters.peft_config import (
     check_targets,
@@ -173,21 +174,38 @@ def _read_headers(handle: Any, shapes: dict[str, tuple[int, int]]) -> Headers:
     return headers
 
 
-def _read_module(
-    handle: Any, sides: dict[str, tuple[str, list[int], str]], scaling: float
-) -> LoraModule:
-    """One module's A and B as float32, refusing NaN or Inf."""
-    a, b = (handle.get_tensor(sides[side][0]).to(torch.float32) for side in "AB")
-    for (key, _, _), tensor in ((sides["A"], a), (sides["B"], b)):
-        if not torch.isfinite(tensor).all():
-            raise AdapterError(f"tensor {key!r} contains NaN or Inf values", "non_finite_weights")
+def _check_finite(modules: dict[str, LoraModule], headers: Headers) -> None:
+    """Refuse NaN or Inf anywhere: one stacked check of per-tensor sums (NaN and Inf propagate
+    into a sum), then, only if that fails, tensor by tensor to name the culprit (a sum of finite
+    values may also overflow)."""
+    sums = torch.stack([t.sum() for m in modules.values() for t in (m.A, m.B)])
+    if bool(torch.isfinite(sums).all()):
+        return
+    for name, module in modules.items():
+        for side, tensor in (("A", module.A), ("B", module.B)):
+            if not torch.isfinite(tensor).all():
+                key = headers[name][side][0]
+                raise AdapterError(
+                    f"tensor {key!r} contains NaN or Inf values", "non_finite_weights"
+                )
+
+
+def _header_module(sides: dict[str, tuple[str, list[int], str]], scaling: float) -> LoraModule:
+    """One module's A and B as float32 tensors on the meta device: shapes only, no data read."""
+    a, b = (torch.empty(sides[side][1], dtype=torch.float32, device="meta") for side in "AB")
     return LoraModule(a, b, scaling)
 
 
 def read_lora_tensors(
-    file: Path, config: dict, shapes: dict[str, tuple[int, int]], max_rank: int, max_bytes: int
+    file: Path,
+    config: dict,
+    shapes: dict[str, tuple[int, int]],
+    max_rank: int,
+    max_bytes: int,
+    header_only: bool = False,
 ) -> dict[str, LoraModule]:
-    """The LoRA modules of a safetensors file as float32: headers checked first, then the values."""
+    """The LoRA modules of a safetensors file as float32: headers checked first, then the values
+    (header_only: meta tensors, values neither read nor checked)."""
     try:
         with safe_open(file, framework="pt") as handle:
             headers = _read_headers(handle, shapes)
@@ -203,10 +221,20 @@ def read_lora_tensors(
                     f"above the limit of {max_bytes} bytes",
                     "adapter_too_large",
                 )
-            return {m: _read_module(handle, headers[m], scalings[m]) for m in sorted(headers)}
+            if header_only:
+                return {m: _header_module(headers[m], scalings[m]) for m in sorted(headers)}
+        keys = [key for sides in headers.values() for key, _, _ in sides.values()]
+        values, finite = read_float32(file, keys)
+        modules = {
+            m: LoraModule(values[headers[m]["A"][0]], values[headers[m]["B"][0]], scalings[m])
+            for m in sorted(headers)
+        }
+        if not finite:
+            _check_finite(modules, headers)
+        return modules
     except AdapterError:
         raise
-    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as error:
         raise AdapterError(
             f"corrupt or truncated {WEIGHTS_FILE}: {error}", "corrupt_adapter_weights"
         ) from error
@@ -230,13 +258,15 @@ def read_adapter(
     max_rank: int,
     max_bytes: int,
     base_fingerprint: dict | None = None,
+    header_only: bool = False,
 ) -> AdapterWeights:
     """A PEFT LoRA folder as float32 A/B per base module, or an AdapterError (with a code) that
     says why the base cannot serve it.
 
     shapes maps each wrappable base module path to (in_features, out_features); max_bytes bounds
     both the weights file and the float32 tensors it expands to; base_fingerprint, when given, must
-    equal the one in our trainer's manifest (when the adapter has one).
+    equal the one in our trainer's manifest (when the adapter has one). header_only runs every check
+    that needs no tensor values and returns meta tensors (rank and nbytes are exact).
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -251,5 +281,5 @@ def read_adapter(
             f"{file.name} is {size} bytes, above the limit of {max_bytes} bytes",
             "adapter_too_large",
         )
-    modules = read_lora_tensors(file, config, shapes, max_rank, max_bytes)
+    modules = read_lora_tensors(file, config, shapes, max_rank, max_bytes, header_only)
     return AdapterWeights(name, str(folder), modules, config, manifest)

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from server.admin_routes import router as admin_router
 from server.auth import KeyRing, load_keys
 from server.config import Config
 from server.errors import install_error_handlers
@@ -23,6 +24,7 @@ def create_app(engine: Any, config: Config) -> FastAPI:
     app.state.loraplex = ServerState(engine, config, metrics)
     install_error_handlers(app)
     app.include_router(openai_router)
+    app.include_router(admin_router)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

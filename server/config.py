@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,9 +34,10 @@ class Config:
     kv_capacity_tokens: int = 16384
     block_size: int = 16
     max_model_len: int | None = None
-    batch_invariant: bool = False
     # adapters
     adapters_dir: str | None = None
+    adapter_roots: str | None = None
+    adapters_poll_s: float = 1.0
     max_loras: int = 8
     max_cpu_loras: int = 64
     max_lora_rank: int = 64
@@ -78,6 +81,8 @@ class Config:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_cpu_loras < self.max_loras:
             raise ConfigError("max_cpu_loras must be >= max_loras")
+        if self.adapters_poll_s < 0:
+            raise ConfigError(f"adapters_poll_s must be >= 0, got {self.adapters_poll_s}")
         if self.shutdown_grace_s < 0:
             raise ConfigError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
         if self.request_timeout_s <= 0:
@@ -89,6 +94,12 @@ class Config:
     def torch_compute_dtype(self) -> torch.dtype:
         """The compute dtype as a torch dtype."""
         return COMPUTE_DTYPES[self.compute_dtype]
+
+    @property
+    def adapter_root_paths(self) -> list[Path]:
+        """Folders a runtime-loaded adapter may come from: the adapters folder, then adapter_roots."""
+        extra = (self.adapter_roots or "").split(os.pathsep)
+        return [Path(p) for p in [self.adapters_dir or "", *extra] if p]
 
     @property
     def resolved_device(self) -> str:

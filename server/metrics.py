@@ -38,6 +38,19 @@ class EngineCollector(Collector):
                 s.kv_used_blocks / s.kv_total_blocks if s.kv_total_blocks else 0.0,
             ),
             "loraplex_resident_adapters": ("adapters holding a device slot", s.resident_adapters),
+            "loraplex_host_adapters": ("adapters in the host-memory cache", s.host_adapters),
+            "loraplex_adapter_host_bytes": (
+                "float32 weight bytes of the adapters in host memory",
+                s.adapter_host_bytes,
+            ),
+            "loraplex_adapter_device_bytes": (
+                "adapter weight bytes held in device slots (rank padding excluded)",
+                s.adapter_device_bytes,
+            ),
+            "loraplex_adapter_slot_bytes": (
+                "bytes preallocated for all device adapter slots",
+                s.adapter_slot_bytes,
+            ),
             "loraplex_registered_adapters": (
                 "adapters the server can serve",
                 len(self.engine.adapter_names()),
@@ -51,6 +64,10 @@ class EngineCollector(Collector):
             "loraplex_engine_generated_tokens": (
                 "tokens sampled by the engine",
                 s.generated_tokens,
+            ),
+            "loraplex_adapter_loads": (
+                "adapters read from disk in the background",
+                s.adapter_loads,
             ),
         }
         for name, (doc, value) in counters.items():

@@ -45,6 +45,7 @@ async def list_models(request: Request) -> dict[str, Any]:
             "owned_by": "loraplex",
             "root": info["path"],
             "parent": st.base_name,
+            "metadata": {k: info[k] for k in ("rank", "bytes", "tier") if k in info},
         }
         for name, info in st.engine.adapter_info().items()
         if may_use(request, name, st.base_name)

@@ -10,7 +10,6 @@ from typing import Any
 
 import uvicorn
 
-from adapters.errors import AdapterError
 from loader.memory import memory_report
 from loader.model import load_base
 from server.config import Config, ConfigError
@@ -22,24 +21,13 @@ GRACEFUL_SHUTDOWN_S = 5
 
 
 def load_adapters_dir(engine: Any, folder: str | None) -> list[str]:
-    """Load each subfolder holding adapter_config.json as an adapter named after it; skip bad ones."""
+    """Register each adapter subfolder of folder under its name (bad ones are logged and skipped);
+    once started, the engine keeps watching the folder."""
     if folder is None:
         return []
-    root = Path(folder)
-    if not root.is_dir():
+    if not Path(folder).is_dir():
         raise ConfigError(f"--adapters {folder}: no such folder")
-    loaded = []
-    for sub in sorted(p for p in root.iterdir() if (p / "adapter_config.json").is_file()):
-        if sub.name == engine.base.name:
-            log.error("adapter %s skipped: its name is the base model's id", sub)
-            continue
-        try:
-            engine.load_adapter(sub.name, str(sub))
-        except (AdapterError, OSError, ValueError) as error:
-            log.error("adapter %s skipped: %s", sub, error)
-            continue
-        loaded.append(sub.name)
-    return loaded
+    return engine.scan_adapters().added
 
 
 def url_of(host: str, port: int) -> str:

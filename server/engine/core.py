@@ -6,9 +6,11 @@ import logging
 
 import torch
 
-from adapters.format import AdapterWeights
+from adapters.format import AdapterWeights, base_linear_shapes, read_adapter
 from adapters.layer import StepRouting, attach_multi_lora
+from adapters.registry import AdapterRegistry
 from adapters.slots import SlotTable
+from adapters.train.manifest import base_fingerprint
 from loader.model import BaseModel
 from server.config import Config
 from server.engine.kv_cache import KVCache
@@ -32,14 +34,20 @@ def eos_token_ids(base: BaseModel) -> set[int]:
 class EngineCore:
     """Continuous batching over one resident base with per-token adapter slots."""
 
-    def __init__(self, base: BaseModel, config: Config, lora_op: str = "grouped") -> None:
+    def __init__(self, base: BaseModel, config: Config, lora_op: str | None = None) -> None:
         self.base = base
         self.config = config
         model, hf = base.model, base.model.config
         device = str(next(model.parameters()).device)
+        # Triton BGMV kernels on CUDA, grouped batched GEMMs on CPU (see adapters/lora_ops.py)
+        lora_op = lora_op or ("triton" if device.startswith("cuda") else "grouped")
         self.routing = StepRouting(config.max_loras, lora_op)
         self.layers = attach_multi_lora(model, self.routing, config.max_lora_rank)
         self.slots = SlotTable(self.layers, config.max_loras)
+        self.shapes = base_linear_shapes(model)
+        self.fingerprint = base_fingerprint(base)  # compared with trainer manifests
+        self.registry = AdapterRegistry(self.read_adapter, config.max_cpu_loras)
+        self._registry_changes = 0
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         self.kv = KVCache(
             hf.num_hidden_layers,
@@ -50,7 +58,7 @@ class EngineCore:
             config.torch_compute_dtype,
             device,
         )
-        self.scheduler = Scheduler(config, self.kv, self.slots)
+        self.scheduler = Scheduler(config, self.kv, self.slots, self.registry)
         self.runner = ModelRunner(model, self.kv, self.routing)
         context = config.max_model_len or hf.max_position_embeddings
         self.max_model_len = min(context, self.kv.num_blocks * config.block_size)
@@ -60,20 +68,45 @@ class EngineCore:
         self.generated_tokens = 0
 
     # adapters -----------------------------------------------------------------------------
+    def read_adapter(self, name: str, path: str, header_only: bool = False) -> AdapterWeights:
+        """Read and validate an adapter folder against the served base (no engine state touched)."""
+        cfg = self.config
+        return read_adapter(
+            path,
+            name,
+            self.shapes,
+            cfg.max_lora_rank,
+            cfg.max_adapter_bytes,
+            self.fingerprint,
+            header_only=header_only,
+        )
+
+    def close(self) -> None:
+        """Stop the adapter loader thread."""
+        self.registry.close()
+
     def add_adapter(self, weights: AdapterWeights) -> None:
-        """Make an adapter servable (replacing one of the same name for new requests)."""
-        self.slots.add(weights)
+        """Make already read weights servable (replacing one of the same name for new requests)."""
+        self.slots.check(weights)
+        self.registry.register(weights.name, weights.path, weights, source="engine")
 
     def remove_adapter(self, name: str) -> None:
         """Stop serving an adapter; requests already running on it finish normally."""
-        self.slots.remove(name)
+        self.registry.unregister(name)
+
+    def _sync_adapters(self) -> None:
+        """Detach the device slots of adapter versions replaced or removed since the last step."""
+        changes = self.registry.changes
+        if changes != self._registry_changes:
+            self._registry_changes = changes
+            self.slots.retain(self.registry.is_current)
 
     # requests -----------------------------------------------------------------------------
     def check_request(
         self, prompt_ids: list[int], adapter: str | None, params: SamplingParams
     ) -> None:
         """Raise EngineError if a request cannot be accepted as it is."""
-        if adapter is not None and adapter not in self.slots.host:
+        if adapter is not None and adapter not in self.registry:
             raise EngineError(f"The model `{adapter}` does not exist.", "model_not_found", 404)
         if not prompt_ids:
             raise EngineError("The prompt is empty.", "invalid_prompt", 400)
@@ -110,19 +143,22 @@ class EngineCore:
         return bool(self.scheduler.waiting or self.scheduler.running)
 
     def step(self) -> list[TokenOutput]:
-        """Schedule, run one forward for every scheduled token, sample, and report new tokens."""
+        """Schedule, run one forward for every scheduled token, sample, and report new tokens
+        (and the ends of waiting requests whose adapter cannot be served)."""
+        self._sync_adapters()
         batch = self.scheduler.schedule()
+        outputs = [self._fail(seq, reason, code) for seq, reason, code in batch.failed]
         if not batch.items:
-            return []
+            return outputs
         self.steps += 1
         try:
             seqs, logits = self.runner.run(batch)
         except Exception as error:  # noqa: BLE001 - fail this batch's requests, keep serving
             log.exception("forward failed; failing %d requests", len(batch.items))
-            return [self._fail(seq, f"internal error: {error}") for seq, _ in batch.items]
+            outputs += [self._fail(seq, f"internal error: {error}") for seq, _ in batch.items]
+            return outputs
         for seq, n in batch.items:
             seq.num_computed += n
-        outputs = []
         finite = torch.isfinite(logits).all(-1).tolist() if seqs else []
         healthy = [s for s, ok in zip(seqs, finite, strict=True) if ok]
         outputs += [
@@ -149,23 +185,34 @@ class EngineCore:
             self.scheduler.finish(seq)
         return TokenOutput(seq.request_id, token, reason, logprob, top, len(seq.prompt_ids))
 
-    def _fail(self, seq: Sequence, message: str) -> TokenOutput:
+    def _fail(self, seq: Sequence, message: str, code: str | None = None) -> TokenOutput:
         self.seqs.pop(seq.request_id, None)
         if seq.status is not Status.FINISHED:
             self.scheduler.finish(seq)
         return TokenOutput(
-            seq.request_id, None, "error", prompt_tokens=len(seq.prompt_ids), error=message
+            seq.request_id,
+            None,
+            "error",
+            prompt_tokens=len(seq.prompt_ids),
+            error=message,
+            error_code=code,
         )
 
     def stats(self) -> EngineStats:
-        """A snapshot of queues, KV usage and counters."""
+        """A snapshot of queues, KV usage, adapter tiers and counters."""
+        host_adapters, host_bytes = self.registry.host_usage()
         return EngineStats(
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
             kv_used_blocks=self.kv.used_blocks,
             kv_total_blocks=self.kv.num_blocks,
-            resident_adapters=len(self.slots.resident),
+            resident_adapters=len(self.slots.resident_names),
             steps=self.steps,
             preemptions=self.scheduler.preemptions,
             generated_tokens=self.generated_tokens,
+            host_adapters=host_adapters,
+            adapter_host_bytes=host_bytes,
+            adapter_device_bytes=self.slots.used_bytes,
+            adapter_slot_bytes=self.slots.capacity_bytes,
+            adapter_loads=self.registry.loads,
         )

@@ -7,10 +7,11 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
-from typing import Any
 
-from adapters.format import AdapterWeights, base_linear_shapes, read_adapter
+from adapters.errors import AdapterError
+from adapters.names import validate_name
+from adapters.registry import AdapterEntry, resolve_adapter_folder
+from adapters.watch import AdapterDirWatcher, ScanResult
 from loader.model import BaseModel
 from server.config import Config
 from server.engine.core import EngineCore
@@ -22,47 +23,38 @@ log = logging.getLogger("loraplex.engine")
 class AsyncEngine:
     """Thread-safe front of EngineCore: add/abort requests and adapters from any thread or loop."""
 
-    def __init__(self, base: BaseModel, config: Config, lora_op: str = "grouped") -> None:
+    def __init__(self, base: BaseModel, config: Config, lora_op: str | None = None) -> None:
         self.base = base
         self.config = config
         self.core = EngineCore(base, config, lora_op)
         self.max_model_len = self.core.max_model_len
-        self.shapes = base_linear_shapes(base.model)
+        self.registry = self.core.registry
+        self.watcher: AdapterDirWatcher | None = None
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pending = 0
+        self.registry.on_loaded = self._wake.set
 
     # lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the step loop in a daemon thread."""
+        """Start the step loop in a daemon thread, and the adapters-folder watcher if configured."""
         self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
         self._thread.start()
+        if self.watcher is not None and self.config.adapters_poll_s > 0:
+            self.watcher.start()
 
     def shutdown(self) -> None:
-        """Stop the step loop after the current step."""
+        """Stop the watcher, the adapter loader and the step loop (after the current step)."""
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.core.close()
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-
-    def _call(self, fn: Callable[[], Any]) -> Any:
-        """Run fn on the engine thread between steps and return its result (or raise its error)."""
-        if self._thread is None or not self._thread.is_alive():
-            return fn()
-        done: Future = Future()
-
-        def task() -> None:
-            try:
-                done.set_result(fn())
-            except Exception as error:  # noqa: BLE001 - handed back to the caller
-                done.set_exception(error)
-
-        self._inbox.put(task)
-        self._wake.set()
-        return done.result()
 
     def _loop(self) -> None:
         core = self.core
@@ -73,8 +65,12 @@ class AsyncEngine:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
+            steps = core.steps
             for out in core.step():
                 self._deliver(out)
+            if core.steps == steps:  # nothing runnable: waiting on adapter loads or slots
+                self._wake.wait(timeout=0.05)
+                self._wake.clear()
 
     def _deliver(self, out: TokenOutput) -> None:
         stream = self._streams.get(out.request_id)
@@ -83,40 +79,42 @@ class AsyncEngine:
             loop.call_soon_threadsafe(q.put_nowait, out)
 
     # adapters -----------------------------------------------------------------------------
-    def read(self, name: str, path: str) -> AdapterWeights:
-        """Read and validate an adapter folder against the served base (no engine state touched)."""
-        cfg = self.config
-        return read_adapter(path, name, self.shapes, cfg.max_lora_rank, cfg.max_adapter_bytes)
+    def scan_adapters(self) -> ScanResult:
+        """Register the adapters folder's subfolders now; start() then keeps watching it."""
+        if self.config.adapters_dir is None:
+            return ScanResult()
+        if self.watcher is None:
+            self.watcher = AdapterDirWatcher(
+                self.config.adapters_dir, self.registry, self.base.name, self.config.adapters_poll_s
+            )
+        return self.watcher.scan(settle=False)
 
-    def load_adapter(self, name: str, path: str) -> None:
-        """Validate an adapter off the step loop, then make it servable between steps."""
-        weights = self.read(name, path)
-        self._call(lambda: self.core.add_adapter(weights))
+    def load_adapter(self, name: str, path: str, replace: bool = True) -> AdapterEntry:
+        """Validate a name and a folder inside the adapter roots, read the adapter fully (on the
+        caller's thread, never the step loop) and make it servable; a replaced adapter's running
+        requests keep the old weights. Raises AdapterError naming the problem."""
+        validate_name(name, self.base.name)
+        if not replace and name in self.registry:
+            raise AdapterError(f"adapter {name!r} is already loaded", "adapter_exists")
+        folder = resolve_adapter_folder(path, self.config.adapter_root_paths)
+        weights = self.core.read_adapter(name, str(folder))
+        entry = self.registry.register(name, str(folder), weights, source="api")
+        self._wake.set()
+        return entry
 
     def unload_adapter(self, name: str) -> None:
         """Stop serving an adapter; its running requests finish on the old weights."""
-        from adapters.errors import AdapterError
-
-        if name not in self.core.slots.host:
+        if self.registry.unregister(name) is None:
             raise AdapterError(f"adapter {name!r} is not loaded", "adapter_not_found")
-        self._call(lambda: self.core.remove_adapter(name))
+        self._wake.set()
 
     def adapter_names(self) -> list[str]:
         """Names of every servable adapter."""
-        return sorted(self.core.slots.host)
+        return self.registry.names()
 
     def adapter_info(self) -> dict[str, dict]:
-        """Per adapter: path, rank, bytes in host memory, and whether it holds a device slot."""
-        slots = self.core.slots
-        return {
-            name: {
-                "path": w.path,
-                "rank": w.rank,
-                "bytes": w.nbytes,
-                "resident": name in slots.resident,
-            }
-            for name, w in sorted(slots.host.items())
-        }
+        """Per adapter: path, rank, float32 weight bytes, tier (device, host or disk)."""
+        return self.registry.info(self.core.slots.resident_names)
 
     # requests -----------------------------------------------------------------------------
     async def generate(

@@ -1,16 +1,20 @@
 """Iteration-level scheduling: which sequences run this step and how many tokens each processes.
 
 Running sequences go first (decodes, then unfinished prefills), then waiting ones are admitted while
-there is token budget, a free sequence seat, an adapter slot and KV room. When the KV pool cannot
-grow a running sequence, the most recently admitted one is preempted: its blocks are freed and it
-goes back to the head of the queue to be recomputed later.
+there is token budget, a free sequence seat, an adapter slot and KV room. A waiting sequence whose
+adapter is not in host memory yet is skipped (never waited on) while the registry loads it in the
+background; one whose adapter was unloaded or failed to load is reported in the batch to be failed.
+When the KV pool cannot grow a running sequence, the most recently admitted one is preempted: its
+blocks are freed (its adapter slot stays pinned, so it resumes on the same weights) and it goes
+back to the head of the queue to be recomputed later.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from adapters.registry import AdapterRegistry
 from adapters.slots import SlotTable
 from server.config import Config
 from server.engine.kv_cache import KVCache
@@ -19,18 +23,23 @@ from server.engine.sequence import Sequence, Status
 
 @dataclass
 class ScheduledBatch:
-    """One step's work: (sequence, number of its uncomputed tokens to process) in packed order."""
+    """One step's work: (sequence, number of its uncomputed tokens to process) in packed order, and
+    waiting sequences to fail because their adapter cannot be served: (sequence, reason, code)."""
 
     items: list[tuple[Sequence, int]]
+    failed: list[tuple[Sequence, str, str]] = field(default_factory=list)
 
 
 class Scheduler:
     """Holds the waiting queue and running set and builds each step's batch."""
 
-    def __init__(self, config: Config, kv: KVCache, slots: SlotTable) -> None:
+    def __init__(
+        self, config: Config, kv: KVCache, slots: SlotTable, registry: AdapterRegistry
+    ) -> None:
         self.config = config
         self.kv = kv
         self.slots = slots
+        self.registry = registry
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -58,21 +67,61 @@ class Scheduler:
             self.kv.allocate(seq, n)
             items.append((seq, n))
             budget -= n
-        self._admit(items, budget)
-        return ScheduledBatch(items)
+        failed = self._prefetch()
+        self._admit(items, budget, {id(seq) for seq, _, _ in failed})
+        return ScheduledBatch(items, failed)
 
-    def _admit(self, items: list[tuple[Sequence, int]], budget: int) -> None:
+    def _prefetch(self) -> list[tuple[Sequence, str, str]]:
+        """Have the registry load the adapters waiting sequences need (queue order is priority);
+        the waiting sequences whose adapter was unloaded (model_not_found) or failed to load
+        (adapter_unavailable)."""
+        wanted: dict[str, None] = {}
+        for seq in self.waiting:
+            if seq.adapter is not None and seq.slot < 0 and not self._on_device(seq.adapter):
+                wanted.setdefault(seq.adapter)
+        failures = self.registry.prefetch(list(wanted))
+        codes = {
+            name: "adapter_unavailable" if name in self.registry else "model_not_found"
+            for name in failures
+        }
+        return [
+            (s, failures[s.adapter], codes[s.adapter])
+            for s in self.waiting
+            if s.adapter in failures
+        ]
+
+    def _on_device(self, name: str) -> bool:
+        entry = self.registry.get(name)
+        return entry is not None and (name, entry.version) in self.slots.resident
+
+    def _acquire_slot(self, name: str) -> int | None:
+        """Pin the current version of an adapter in a device slot; None if it is not in host
+        memory yet or every slot is pinned."""
+        entry = self.registry.get(name)
+        if entry is None:
+            return None
+        key = (name, entry.version)
+        slot = self.slots.pin(key)
+        if slot is None:
+            weights = self.registry.weights(*key)
+            slot = None if weights is None else self.slots.place(key, weights)
+        return slot
+
+    def _admit(self, items: list[tuple[Sequence, int]], budget: int, failing: set[int]) -> None:
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting.popleft()
+            if id(seq) in failing:
+                skipped.append(seq)
+                continue
             n = min(seq.remaining, budget)
             # keep a block of headroom per running sequence so admissions don't force preemptions
             if not self.kv.can_allocate(seq, n, reserve=len(self.running)):
                 self.waiting.appendleft(seq)
                 break
-            if seq.adapter is not None:
-                slot = self.slots.acquire(seq.adapter)
-                if slot is None:  # every slot pinned: let others pass, retry next step
+            if seq.adapter is not None and seq.slot < 0:
+                slot = self._acquire_slot(seq.adapter)
+                if slot is None:  # cold, or every slot pinned: let others pass, retry next step
                     skipped.append(seq)
                     continue
                 seq.slot = slot
@@ -88,8 +137,9 @@ class Scheduler:
         return max(candidates, key=lambda s: s.arrival)
 
     def preempt(self, seq: Sequence) -> None:
-        """Free seq's KV and slot and put it back at the head of the queue for recomputation."""
-        self._release(seq)
+        """Free seq's KV (it keeps its slot pin) and put it back at the head of the queue."""
+        self.running.remove(seq)
+        self.kv.release(seq)
         seq.num_computed = 0
         seq.status = Status.WAITING
         seq.preempted += 1
@@ -101,12 +151,9 @@ class Scheduler:
         if seq.status is Status.WAITING:
             self.waiting.remove(seq)
         elif seq.status is Status.RUNNING:
-            self._release(seq)
-        seq.status = Status.FINISHED
-
-    def _release(self, seq: Sequence) -> None:
-        self.running.remove(seq)
-        self.kv.release(seq)
-        if seq.slot >= 0:
+            self.running.remove(seq)
+            self.kv.release(seq)
+        if seq.status is not Status.FINISHED and seq.slot >= 0:
             self.slots.release(seq.slot)
             seq.slot = -1
+        seq.status = Status.FINISHED

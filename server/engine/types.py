@@ -56,6 +56,7 @@ class TokenOutput:
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     prompt_tokens: int = 0
     error: str | None = None
+    error_code: str | None = None  # machine-readable reason of an "error" finish, when known
 
 
 @dataclass
@@ -70,3 +71,8 @@ class EngineStats:
     steps: int
     preemptions: int
     generated_tokens: int
+    host_adapters: int = 0  # adapters in the host-memory cache
+    adapter_host_bytes: int = 0  # their float32 weight bytes
+    adapter_device_bytes: int = 0  # adapter weight bytes in device slots (rank padding excluded)
+    adapter_slot_bytes: int = 0  # bytes preallocated for all device slots
+    adapter_loads: int = 0  # adapters read from disk by the background loader

@@ -1,0 +1,55 @@
+"""Adapter admin routes in vLLM's shape: POST /v1/load_lora_adapter and /v1/unload_lora_adapter.
+
+A refused adapter answers 400 with the AdapterError's message and code (404 when the adapter or its
+folder does not exist); the server keeps serving either way. Like every /v1 route these require the
+API key when one is configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel, ConfigDict
+
+from server.state import get_state
+
+router = APIRouter(prefix="/v1")
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    """vLLM's body: the served name and the adapter folder (inside the configured adapter roots).
+
+    load_inplace=true (the default here) replaces an adapter of the same name: requests already
+    running keep the old weights, new ones get the new; false refuses an existing name.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = True
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    """vLLM's body: the served name of the adapter to unload."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str
+
+
+@router.post("/load_lora_adapter", response_class=PlainTextResponse)
+async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request) -> str:
+    """Validate and load an adapter (read off the event loop and off the engine's step loop)."""
+    engine = get_state(request).engine
+    await asyncio.to_thread(engine.load_adapter, body.lora_name, body.lora_path, body.load_inplace)
+    return f"Success: LoRA adapter '{body.lora_name}' added successfully."
+
+
+@router.post("/unload_lora_adapter", response_class=PlainTextResponse)
+async def unload_lora_adapter(body: UnloadLoraAdapterRequest, request: Request) -> str:
+    """Stop serving an adapter; requests already running on it finish normally."""
+    get_state(request).engine.unload_adapter(body.lora_name)
+    return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
