@@ -1,0 +1,96 @@
+"""The engine benchmark's inputs: seeded random PEFT adapters cached on disk, and one request set."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+READY_MARKER = "adapter_model.safetensors"
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    """One request of the set: id, prompt token ids and its adapter index in [0, K) (or None)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    adapter_index: int | None
+
+
+def adapter_name(index: int) -> str:
+    """The served name of the benchmark's index-th adapter."""
+    return f"bench-{index:03d}"
+
+
+def make_adapters(
+    model_path: Path, folder: Path, count: int, rank: int, seed: int = 0
+) -> list[Path]:
+    """Folders of `count` seeded random all-linear PEFT LoRA adapters (bf16), created once and reused.
+
+    The cache key is (rank, seed, count index): a folder already holding adapter i is not rewritten.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = folder / f"r{rank}-s{seed}"
+    paths = [root / adapter_name(i) for i in range(count)]
+    missing = [i for i, p in enumerate(paths) if not (p / READY_MARKER).exists()]
+    if not missing:
+        return paths
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=ALL_LINEAR, lora_dropout=0.0)
+    peft_model = get_peft_model(model, config)
+    lora_params = [(n, p) for n, p in peft_model.named_parameters() if "lora_" in n]
+    for _, param in lora_params:
+        param.data = param.data.to(torch.bfloat16)  # halves the cache on disk; read as float32
+    for i in missing:
+        generator = torch.Generator().manual_seed(seed * 100_003 + i)
+        with torch.no_grad():
+            for name, param in lora_params:
+                std = 1 / param.shape[1] ** 0.5 if "lora_A" in name else 0.3 / rank
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+        peft_model.save_pretrained(paths[i], safe_serialization=True)
+    (root / "bench.json").write_text(json.dumps({"rank": rank, "seed": seed, "count": count}))
+    return paths
+
+
+def zipf_weights(k: int, exponent: float = 1.0) -> list[float]:
+    """Zipf popularity over k adapters: weight of the i-th most popular is 1 / (i + 1) ** exponent."""
+    return [1.0 / (i + 1) ** exponent for i in range(k)]
+
+
+def assign_adapters(n: int, k: int, popularity: str, seed: int = 0) -> list[int]:
+    """Adapter index of each of n requests: 'uniform' cycles through all k (every one used when
+    n >= k), 'zipf' draws from a seeded Zipf(1) distribution."""
+    if popularity == "uniform":
+        order = list(range(k))
+        random.Random(seed).shuffle(order)
+        return [order[i % k] for i in range(n)]
+    if popularity == "zipf":
+        return random.Random(seed).choices(range(k), weights=zipf_weights(k), k=n)
+    raise ValueError(f"unknown popularity {popularity!r}; choose uniform or zipf")
+
+
+def make_prompts(n: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """n seeded prompts of `length` ordinary token ids (the first and last 256 ids avoided)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(256, vocab_size - 256) for _ in range(length)] for _ in range(n)]
+
+
+def make_requests(
+    prompts: list[list[int]], k: int, popularity: str, seed: int = 0
+) -> list[BenchRequest]:
+    """The request set with adapters assigned (k == 0: every request on the bare base)."""
+    indices: list[int | None]
+    indices = (
+        [None] * len(prompts) if k == 0 else assign_adapters(len(prompts), k, popularity, seed)
+    )
+    return [
+        BenchRequest(f"r{i:04d}", prompt, index)
+        for i, (prompt, index) in enumerate(zip(prompts, indices, strict=True))
+    ]
