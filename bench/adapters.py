@@ -36,9 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ranks", default="8,16,64", help="ranks timed for cold loads")
     parser.add_argument("--loads", type=int, default=30, help="cold loads timed per rank")
     parser.add_argument("--storm-rank", type=int, default=16)
-    parser.add_argument("--storm-rate", type=float, default=5.0, help="cold requests per second")
+    parser.add_argument(
+        "--storm-rate", type=float, default=5.0, help="cold loads (or requests) per second"
+    )
     parser.add_argument("--phase-seconds", type=float, default=15.0)
-    parser.add_argument("--phases", type=int, default=2, help="baseline/storm pairs")
+    parser.add_argument(
+        "--phases", type=int, default=2, help="rounds of baseline, loads and requests phases"
+    )
     parser.add_argument("--concurrency", type=int, default=16, help="steady sequences")
     parser.add_argument("--max-loras", type=int, default=8)
     parser.add_argument("--max-lora-ranks", default="64,16", help="slot capacities to compare")

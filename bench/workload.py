@@ -11,6 +11,7 @@ import torch
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 READY_MARKER = "adapter_model.safetensors"
+STRENGTH = 0.5  # random adapters' delta / input rms: a wrong adapter's logprobs are off by nats
 
 
 @dataclass(frozen=True)
@@ -27,35 +28,53 @@ def adapter_name(index: int) -> str:
     return f"bench-{index:03d}"
 
 
-def make_adapters(
-    model_path: Path, folder: Path, count: int, rank: int, seed: int = 0
-) -> list[Path]:
-    """Folders of `count` seeded random all-linear PEFT LoRA adapters (bf16), created once and reused.
+def randomize_lora(
+    peft_model: torch.nn.Module, generator: torch.Generator, rank: int, strength: float
+) -> None:
+    """Fill every LoRA weight of peft_model with seeded noise: A ~ N(0, 1/in_features) and
+    B ~ N(0, (strength / (2 sqrt(rank)))^2), so that with lora_alpha = 2 * rank each adapted layer
+    adds a delta of about `strength` times its input's rms, whatever the rank."""
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                std = 1 / param.shape[1] ** 0.5 if "lora_A" in name else strength / (2 * rank**0.5)
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
 
-    The cache key is (rank, seed, count index): a folder already holding adapter i is not rewritten.
+
+def make_adapters(
+    model_path: Path,
+    folder: Path,
+    count: int,
+    rank: int,
+    seed: int = 0,
+    targets: list[str] = ALL_LINEAR,
+    strength: float = STRENGTH,
+) -> list[Path]:
+    """Folders of `count` seeded random PEFT LoRA adapters (bf16), created once and reused.
+
+    The cache key is (rank, seed, strength, count index): a folder already holding adapter i is not
+    rewritten. targets defaults to every linear layer of a Llama block.
     """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    root = folder / f"r{rank}-s{seed}"
+    root = folder / f"r{rank}-s{seed}-x{strength:g}-{'.'.join(sorted(targets))}"
     paths = [root / adapter_name(i) for i in range(count)]
     missing = [i for i, p in enumerate(paths) if not (p / READY_MARKER).exists()]
     if not missing:
         return paths
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=ALL_LINEAR, lora_dropout=0.0)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0)
     peft_model = get_peft_model(model, config)
-    lora_params = [(n, p) for n, p in peft_model.named_parameters() if "lora_" in n]
-    for _, param in lora_params:
-        param.data = param.data.to(torch.bfloat16)  # halves the cache on disk; read as float32
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.to(torch.bfloat16)  # halves the cache on disk; read as float32
     for i in missing:
         generator = torch.Generator().manual_seed(seed * 100_003 + i)
-        with torch.no_grad():
-            for name, param in lora_params:
-                std = 1 / param.shape[1] ** 0.5 if "lora_A" in name else 0.3 / rank
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
+        randomize_lora(peft_model, generator, rank, strength)
         peft_model.save_pretrained(paths[i], safe_serialization=True)
-    (root / "bench.json").write_text(json.dumps({"rank": rank, "seed": seed, "count": count}))
+    meta = {"rank": rank, "seed": seed, "count": count, "strength": strength, "targets": targets}
+    (root / "bench.json").write_text(json.dumps(meta))
     return paths
 
 

@@ -16,15 +16,8 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from transformers import AutoTokenizer
 
 SERVER_START_TIMEOUT_S = 240
-
-
-@pytest.fixture(scope="session")
-def demo_tokenizer(demo_path: Path) -> object:
-    """The demo model's tokenizer (chat template included), without the model."""
-    return AutoTokenizer.from_pretrained(demo_path)
 
 
 # the real server --------------------------------------------------------------------------------

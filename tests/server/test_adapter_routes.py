@@ -174,7 +174,7 @@ def test_watched_folder_pickup_replacement_and_removal(live, folders, peft_adapt
 
 
 def test_plain_peft_and_loraplex_adapters_match_peft(
-    live, folders, demo_path, peft_reference, peft_oracle, demo_tokenizer
+    live, folders, demo_path, peft_scratch, peft_oracle, demo_tokenizer
 ):
     # beta: trained elsewhere with plain PEFT, rank 4, only q_proj and v_proj
     served = {"beta": "beta"}
@@ -183,19 +183,26 @@ def test_plain_peft_and_loraplex_adapters_match_peft(
     base = SimpleNamespace(
         config=Config(model=str(demo_path)),
         name=BASE,
-        model=peft_reference.get_base_model(),
+        model=peft_scratch.get_base_model(),
         path=demo_path,
     )
     write_manifest(ours, build_manifest(base_fingerprint(base), {}, {}, {}))
     assert load(live.client, "ours", ours).status_code == 200
-    peft_reference.load_adapter(ours, adapter_name="ours")  # plain PEFT reads it as is
+    peft_scratch.load_adapter(ours, adapter_name="ours")  # plain PEFT reads it as is
     served["ours"] = "ours"
     try:
         ids = demo_tokenizer(PROMPT).input_ids
         for model, peft_name in served.items():
             text = complete(live.client, model, ids)
-            expected, margins = peft_oracle.greedy(peft_reference, ids, peft_name, NEW_TOKENS)
-            if text != demo_tokenizer.decode(expected):
-                assert min(margins) < 0.25, (model, text, demo_tokenizer.decode(expected))
+            expected = peft_oracle.greedy(peft_scratch, ids, peft_name, NEW_TOKENS)
+            if text != demo_tokenizer.decode(expected):  # only where PEFT itself nearly tied
+                top2 = peft_oracle.forced(peft_scratch, ids, peft_name, expected).topk(2).values
+                margin = float((top2[:, 0] - top2[:, 1]).min())
+                tolerance = peft_oracle.tolerance(peft_scratch, ids, peft_name, expected)
+                assert margin <= tolerance, (
+                    model,
+                    text,
+                    demo_tokenizer.decode(expected),
+                )
     finally:
-        peft_reference.delete_adapter("ours")
+        peft_scratch.delete_adapter("ours")

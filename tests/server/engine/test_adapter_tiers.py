@@ -19,7 +19,8 @@ from server.engine.types import EngineError, SamplingParams
 
 NEW_TOKENS = 8
 RANKS = {4: 14, 8: 13, 16: 13}  # rank -> adapter count: 40 adapters of mixed ranks
-GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
+# every request runs NEW_TOKENS steps, and reports its logprobs for the PEFT comparison
+GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=0)
 QUESTIONS = [
     "What is the capital of France?",
     "Name three primary colors.",
@@ -85,22 +86,26 @@ def tokens(outs: list) -> list[int]:
     return [o.token_id for o in outs if o.token_id is not None]
 
 
+def logprobs(outs: list) -> list[float]:
+    return [o.logprob for o in outs if o.token_id is not None]
+
+
 @pytest.fixture
-def peft_with(peft_reference, adapter_paths):
+def peft_with(peft_scratch, adapter_paths):
     """Load some of the 40 adapters into the PEFT oracle for one test, removed afterwards."""
     loaded: list[str] = []
 
     def load(names) -> None:
         for name in sorted(set(names) - set(loaded) - {None}):
-            peft_reference.load_adapter(adapter_paths[name], adapter_name=name)
+            peft_scratch.load_adapter(adapter_paths[name], adapter_name=name)
             loaded.append(name)
 
     yield load
     for name in loaded:
-        peft_reference.delete_adapter(name)
+        peft_scratch.delete_adapter(name)
 
 
-def test_40_adapters_on_8_slots_match_peft(engine, peft_reference, peft_with, peft_oracle):
+def test_40_adapters_on_8_slots_match_peft(engine, peft_scratch, peft_with, peft_oracle):
     rng = random.Random(0)
     names = sorted(engine.registry.names())
     requests = [(f"q{i}", prompt(engine, i), rng.choice([*names, None])) for i in range(24)]
@@ -117,8 +122,8 @@ def test_40_adapters_on_8_slots_match_peft(engine, peft_reference, peft_with, pe
     assert 0 < stats.adapter_device_bytes < stats.adapter_slot_bytes
 
     peft_with(used)
-    runs = [(rid, ids, a, tokens(outputs[rid])) for rid, ids, a in requests]
-    peft_oracle.check(peft_reference, engine.base.tokenizer, runs)
+    runs = [(rid, ids, a, tokens(outputs[rid]), logprobs(outputs[rid])) for rid, ids, a in requests]
+    peft_oracle.check(peft_scratch, engine.base.tokenizer, runs)
 
 
 def test_cold_load_runs_off_the_step_loop_once(engine, adapter_paths, monkeypatch):
@@ -152,7 +157,7 @@ def test_cold_load_runs_off_the_step_loop_once(engine, adapter_paths, monkeypatc
 
 
 def test_replacement_keeps_running_requests_on_old_weights(
-    engine, adapter_paths, peft_reference, peft_with, peft_oracle
+    engine, adapter_paths, peft_scratch, peft_with, peft_oracle
 ):
     old, new = "r8-3", "r8-4"
     engine.registry.register("swap", str(adapter_paths[old]))
@@ -170,8 +175,11 @@ def test_replacement_keeps_running_requests_on_old_weights(
     before, after = tokens(outputs["before"]), tokens(outputs["after"])
     assert before != after
     peft_with([old, new])
-    runs = [("before", ids, old, before), ("after", ids, new, after)]
-    peft_oracle.check(peft_reference, engine.base.tokenizer, runs)
+    runs = [
+        ("before", ids, old, before, logprobs(outputs["before"])),
+        ("after", ids, new, after, logprobs(outputs["after"])),
+    ]
+    peft_oracle.check(peft_scratch, engine.base.tokenizer, runs)
     assert sum(engine.slots.pins) == 0 and not engine.slots.detached
 
 
