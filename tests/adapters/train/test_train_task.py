@@ -10,12 +10,15 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
+from adapters.format import base_linear_shapes, read_adapter
 from adapters.train import tasks
 from adapters.train.evaluate import generate_answers
 from adapters.train.manifest import MANIFEST_NAME
 from loader.model import load_base
 from server.cli import main
 from server.config import Config
+from server.engine.core import EngineCore
+from server.engine.types import SamplingParams
 
 STEPS = 40
 
@@ -81,4 +84,43 @@ def test_output_is_a_peft_adapter_with_a_manifest(trained: Path, demo_path: Path
     assert torch.equal(loaded.detach().cpu(), weights[name])
     cases = tasks.held_out("digits", 4)
     answers = generate_answers(model, base.tokenizer, cases)
+    assert tasks.score("digits", answers, cases) >= 0.75, answers
+
+
+def test_engine_serves_it_as_plain_peft_does(trained: Path, demo_path: Path, peft_oracle):
+    """The trained adapter in a batch of the engine (next to base-only requests) gives PEFT's greedy
+    tokens and logprobs (within the oracle's measured tolerance), and its answers score."""
+    config = Config(model=str(demo_path))
+    engine = EngineCore(load_base(config), config)
+    shapes = base_linear_shapes(engine.base.model)
+    engine.add_adapter(
+        read_adapter(trained, "digits", shapes, config.max_lora_rank, config.max_adapter_bytes)
+    )
+    tok = engine.base.tokenizer
+    cases = tasks.held_out("digits", 8)
+    prompts = [
+        tok.apply_chat_template(
+            c.messages(with_answer=False), add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+        for c in cases
+    ]
+    params = SamplingParams(max_tokens=48, temperature=0, logprobs=0)
+    requests = [(f"d{i}", ids, "digits") for i, ids in enumerate(prompts)]
+    requests += [(f"b{i}", ids, None) for i, ids in enumerate(prompts[:4])]
+    for rid, ids, adapter in requests:
+        engine.add_request(rid, ids, adapter, params)
+    outputs: dict[str, list[int]] = {rid: [] for rid, _, _ in requests}
+    logprobs: dict[str, list[float]] = {rid: [] for rid, _, _ in requests}
+    while engine.has_work():
+        for out in engine.step():
+            assert out.error is None, out.error
+            if out.token_id is not None:
+                outputs[out.request_id].append(out.token_id)
+                logprobs[out.request_id].append(out.logprob)
+    engine.close()
+
+    peft = PeftModel.from_pretrained(load_base(config).model, trained, adapter_name="digits")
+    runs = [(rid, ids, adapter, outputs[rid], logprobs[rid]) for rid, ids, adapter in requests]
+    peft_oracle.check(peft, tok, runs)
+    answers = [tok.decode(outputs[f"d{i}"], skip_special_tokens=True) for i in range(len(cases))]
     assert tasks.score("digits", answers, cases) >= 0.75, answers
