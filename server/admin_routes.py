@@ -13,7 +13,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 
+from server.response_schemas import documented
 from server.state import get_state
+
+ADMIN_RESPONSES = {  # vLLM's plain-text success line; errors in OpenAI's JSON shape
+    **documented(None, 400, 401, 403, 404, 413, 503),
+    200: {"description": "Success line", "content": {"text/plain": {"schema": {"type": "string"}}}},
+}
 
 router = APIRouter(prefix="/v1")
 
@@ -40,16 +46,18 @@ class UnloadLoraAdapterRequest(BaseModel):
     lora_name: str
 
 
-@router.post("/load_lora_adapter", response_class=PlainTextResponse)
-async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request) -> str:
+@router.post("/load_lora_adapter", responses=ADMIN_RESPONSES)
+async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request) -> PlainTextResponse:
     """Validate and load an adapter (read off the event loop and off the engine's step loop)."""
     engine = get_state(request).engine
     await asyncio.to_thread(engine.load_adapter, body.lora_name, body.lora_path, body.load_inplace)
-    return f"Success: LoRA adapter '{body.lora_name}' added successfully."
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
-@router.post("/unload_lora_adapter", response_class=PlainTextResponse)
-async def unload_lora_adapter(body: UnloadLoraAdapterRequest, request: Request) -> str:
+@router.post("/unload_lora_adapter", responses=ADMIN_RESPONSES)
+async def unload_lora_adapter(
+    body: UnloadLoraAdapterRequest, request: Request
+) -> PlainTextResponse:
     """Stop serving an adapter; requests already running on it finish normally."""
     get_state(request).engine.unload_adapter(body.lora_name)
-    return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

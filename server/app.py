@@ -14,6 +14,7 @@ from server.errors import install_error_handlers
 from server.guards import Drain, Guard, Limits
 from server.metrics import Metrics, RequestMetricsMiddleware
 from server.openai_routes import router as openai_router
+from server.response_schemas import Health
 from server.state import ServerState, get_state
 
 
@@ -26,7 +27,7 @@ def create_app(engine: Any, config: Config) -> FastAPI:
     app.include_router(openai_router)
     app.include_router(admin_router)
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health)
     async def health() -> dict[str, str]:
         """200 while the server is up."""
         return {"status": "ok"}

@@ -9,6 +9,13 @@ from fastapi import APIRouter, Request, Response
 from server.auth import may_use
 from server.formatting import ChatFormat, CompletionFormat
 from server.responding import respond
+from server.response_schemas import (
+    GENERATION_ERRORS,
+    ChatCompletion,
+    Completion,
+    ModelList,
+    documented,
+)
 from server.schemas import ChatCompletionRequest, CompletionRequest
 from server.state import get_state
 from server.translate import (
@@ -24,7 +31,7 @@ from server.translate import (
 router = APIRouter(prefix="/v1")
 
 
-@router.get("/models")
+@router.get("/models", responses=documented(ModelList, 401, 503))
 async def list_models(request: Request) -> dict[str, Any]:
     """The base model and every adapter the key may use (adapters name the base as `parent`)."""
     st = get_state(request)
@@ -53,7 +60,7 @@ async def list_models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [base, *adapters]}
 
 
-@router.post("/completions")
+@router.post("/completions", responses=documented(Completion, *GENERATION_ERRORS, stream=True))
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     """Text completion of one or more prompts, n choices each."""
     st = get_state(request)
@@ -68,7 +75,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     return await respond(request, gen, fmt, bool(body.stream))
 
 
-@router.post("/chat/completions")
+@router.post(
+    "/chat/completions", responses=documented(ChatCompletion, *GENERATION_ERRORS, stream=True)
+)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     """Chat completion: the messages through the base's chat template, n choices."""
     st = get_state(request)

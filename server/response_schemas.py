@@ -1,0 +1,152 @@
+"""Response bodies of the HTTP API as pydantic models: they document the routes in the OpenAPI schema
+(which the fuzz test checks real responses against); the routes still build plain dicts."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+GENERATION_ERRORS = (400, 401, 404, 413, 429, 500, 503, 504)  # what a completion may answer
+
+
+class ErrorDetail(BaseModel):
+    """OpenAI's error object."""
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx body: `{"error": {...}}`."""
+
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    """Token counts of a response."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions logprobs object."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    """One choice of a text completion."""
+
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class Completion(BaseModel):
+    """POST /v1/completions without streaming."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: str | None
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    """One candidate token with its logprob and UTF-8 bytes."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    """A generated token's logprob with its top alternatives."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """The chat logprobs object."""
+
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None
+
+
+class ChatMessage(BaseModel):
+    """The assistant's message."""
+
+    role: Literal["assistant"]
+    content: str | None
+    refusal: str | None
+
+
+class ChatChoice(BaseModel):
+    """One choice of a chat completion."""
+
+    index: int
+    message: ChatMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletion(BaseModel):
+    """POST /v1/chat/completions without streaming."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: str | None
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    """The base model or one adapter (adapters name the base as parent)."""
+
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    parent: str | None
+    max_model_len: int | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class ModelList(BaseModel):
+    """GET /v1/models."""
+
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    """GET /health."""
+
+    status: str
+
+
+def documented(ok: type[BaseModel] | None, *errors: int, stream: bool = False) -> dict:
+    """FastAPI `responses=` for a route: its 200 body (and SSE when it streams) and its error codes."""
+    responses: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorResponse, "description": "OpenAI-shaped error"} for code in errors
+    }
+    if ok is not None:
+        responses[200] = {"model": ok, "description": "Successful response"}
+        if stream:
+            responses[200]["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+    return responses
