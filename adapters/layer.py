@@ -60,12 +60,18 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer(
             "lora_A", torch.zeros(slots, max_rank, self.in_features, dtype=dtype, device=device)
         )
+        # B is stored as [S, r_max, out] so that x @ A.T @ B.T reads it contiguously (lora_grouped)
         self.register_buffer(
-            "lora_B", torch.zeros(slots, self.out_features, max_rank, dtype=dtype, device=device)
+            "lora_Bt", torch.zeros(slots, max_rank, self.out_features, dtype=dtype, device=device)
         )
         # real rank per slot, read by the Triton kernels so padding past it is never touched
         self.register_buffer("slot_ranks", torch.zeros(slots, dtype=torch.int32, device=device))
         self.active: set[int] = set()
+
+    @property
+    def lora_B(self) -> torch.Tensor:
+        """The B stack [S, out, r_max] (a view of the stored [S, r_max, out])."""
+        return self.lora_Bt.transpose(1, 2)
 
     @property
     def max_rank(self) -> int:

@@ -88,9 +88,10 @@ def lora_grouped(
     G, m = plan.slots.shape[0], plan.group_size
     x_ext = torch.cat([x.to(A.dtype), x.new_zeros(1, width, dtype=A.dtype)])  # [T+1, in]
     xg = x_ext.index_select(0, plan.gather).view(G, m, width)  # [G, m, in]
+    Bt = B.transpose(1, 2)  # [S, r, out]: contiguous when B is MultiLoraLinear's stored view
     A_used = A if plan.all_slots else A.index_select(0, plan.slots)  # [G, r, in]
-    B_used = B if plan.all_slots else B.index_select(0, plan.slots)  # [G, out, r]
+    Bt_used = Bt if plan.all_slots else Bt.index_select(0, plan.slots)  # [G, r, out]
     h = torch.bmm(xg, A_used.transpose(1, 2))  # [G, m, r]
-    y = torch.bmm(h, B_used.transpose(1, 2)).view(G * m, -1)  # [G*m, out]
+    y = torch.bmm(h, Bt_used).view(G * m, -1)  # [G*m, out]
     y = torch.cat([y, y.new_zeros(1, y.shape[1])])  # [G*m+1, out]
     return y.index_select(0, plan.scatter)  # [T, out]
