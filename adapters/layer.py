@@ -27,7 +27,7 @@ class StepRouting:
         self.op = op
         self.tokens: torch.Tensor | None = None
         self.plan: GroupPlan | None = None
-        self.slot_set: frozenset[int] = frozenset()
+        self.slot_set: frozenset[int] | None = frozenset()  # None: any slot may be present
 
     def set(self, tokens: torch.Tensor | None) -> None:
         """Route the next forward: tokens [T] int64 slot per token (-1 = base), or None for no LoRA."""
@@ -38,6 +38,13 @@ class StepRouting:
             return
         self.slot_set = frozenset(self.plan.slots.tolist())
         self.plan = self.plan.to(tokens.device)
+
+    def set_static(self, tokens: torch.Tensor) -> None:
+        """Route through a buffer read at run time (CUDA graph capture): every layer runs the
+        Triton op over tokens [T], whose slots may change between replays."""
+        if self.op != "triton":
+            raise ValueError(f"static routing needs the triton LoRA op, not {self.op!r}")
+        self.tokens, self.plan, self.slot_set = tokens, None, None
 
 
 class MultiLoraLinear(nn.Module):
@@ -98,8 +105,10 @@ class MultiLoraLinear(nn.Module):
         """x [..., in] -> [..., out]."""
         y = self.base(x)
         routing = self.routing
-        if routing.plan is None or self.active.isdisjoint(routing.slot_set):
+        if routing.tokens is None:
             return y
+        if routing.slot_set is not None and self.active.isdisjoint(routing.slot_set):
+            return y  # no token of this step uses an adapter that adapts this layer
         flat = x.reshape(-1, self.in_features)  # [T, in]
         if routing.op == "reference":
             delta = lora_reference(flat, self.lora_A, self.lora_B, routing.tokens)

@@ -20,6 +20,7 @@ from transformers import AttentionInterface
 
 import adapters.layer as layer_module
 import server.engine.core as core_module
+import server.engine.runner as runner_module
 from bench.engine_systems import RunResult, run_engine
 from bench.workload import BenchRequest
 from server.engine.attention import ATTN_NAME, paged_attention
@@ -30,7 +31,7 @@ LABELS = {
     "loraplex::lora_delta": "LoRA delta (lora op)",
     "loraplex::attention": "paged attention (KV write + SDPA)",
     "loraplex::lm_head": "lm_head",
-    "loraplex::build_inputs": "runner.build (Python packing)",
+    "loraplex::build_inputs": "runner pack + eager_inputs (Python packing)",
     "loraplex::schedule": "scheduler.schedule",
     "loraplex::sample": "sampler",
 }
@@ -48,7 +49,8 @@ def _labelled(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 def instrumented(engine: EngineCore) -> Iterator[None]:
     """Label the engine's phases for torch.profiler while inside the block."""
     saved_ops = {name: getattr(layer_module, name) for name in ("lora_grouped", "lora_reference")}
-    saved_sample = core_module.sample
+    saved_sample, saved_pack = core_module.sample, runner_module.pack
+    runner_module.pack = _labelled("loraplex::build_inputs", saved_pack)
     for name, fn in saved_ops.items():
         setattr(layer_module, name, _labelled("loraplex::lora_delta", fn))
     core_module.sample = _labelled("loraplex::sample", saved_sample)
@@ -58,7 +60,7 @@ def instrumented(engine: EngineCore) -> Iterator[None]:
         patched.append((layer.base, "forward"))
     patched += [
         (engine.base.model.lm_head, "forward"),
-        (engine.runner, "build"),
+        (engine.runner, "eager_inputs"),
         (engine.scheduler, "schedule"),
     ]
     labels = ["loraplex::nf4_base_linear"] * len(engine.layers) + [
@@ -75,7 +77,7 @@ def instrumented(engine: EngineCore) -> Iterator[None]:
             delattr(obj, attr)  # drop the instance attribute: the class method shows again
         for name, fn in saved_ops.items():
             setattr(layer_module, name, fn)
-        core_module.sample = saved_sample
+        core_module.sample, runner_module.pack = saved_sample, saved_pack
         AttentionInterface.register(ATTN_NAME, paged_attention)
 
 

@@ -25,6 +25,7 @@ HELP = {
     "kv_capacity_tokens": "KV pool capacity in tokens",
     "block_size": "KV block size in tokens",
     "max_model_len": "max prompt + completion tokens (default: the model's context)",
+    "cuda_graphs": "replay decode steps from CUDA graphs at bucketed batch sizes (cuda only)",
     "adapters_dir": "watched folder whose PEFT subfolders are served as adapters",
     "adapter_roots": f"more folders (separated by {os.pathsep!r}) that load_lora_adapter may read",
     "adapters_poll_s": "seconds between polls of the adapters folder (0: no watching)",
@@ -32,6 +33,7 @@ HELP = {
     "max_cpu_loras": "adapters cached in host memory",
     "max_lora_rank": "largest adapter rank accepted",
     "max_adapter_bytes": "largest adapter weights file accepted",
+    "lora_dtype": "adapter slot dtype: auto (float32 on cpu, compute dtype on cuda) or a dtype",
     "host": "bind address",
     "port": "bind port",
     "served_model_name": "id of the bare base in the API",
@@ -92,6 +94,7 @@ ENGINE_FIELDS = (
     "kv_capacity_tokens",
     "block_size",
     "max_model_len",
+    "cuda_graphs",
 )
 ADAPTER_FIELDS = (
     "adapters_dir",
@@ -101,6 +104,7 @@ ADAPTER_FIELDS = (
     "max_cpu_loras",
     "max_lora_rank",
     "max_adapter_bytes",
+    "lora_dtype",
 )
 HTTP_FIELDS = (
     "host",

@@ -34,6 +34,7 @@ class Config:
     kv_capacity_tokens: int = 16384
     block_size: int = 16
     max_model_len: int | None = None
+    cuda_graphs: bool = True
     # adapters
     adapters_dir: str | None = None
     adapter_roots: str | None = None
@@ -42,6 +43,7 @@ class Config:
     max_cpu_loras: int = 64
     max_lora_rank: int = 64
     max_adapter_bytes: int = 512 * 1024 * 1024
+    lora_dtype: str = "auto"
     # HTTP
     host: str = "127.0.0.1"
     port: int = 8000
@@ -60,6 +62,10 @@ class Config:
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ConfigError(
                 f"compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, got {self.compute_dtype!r}"
+            )
+        if self.lora_dtype != "auto" and self.lora_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(
+                f"lora_dtype must be auto or one of {tuple(COMPUTE_DTYPES)}, got {self.lora_dtype!r}"
             )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
@@ -94,6 +100,13 @@ class Config:
     def torch_compute_dtype(self) -> torch.dtype:
         """The compute dtype as a torch dtype."""
         return COMPUTE_DTYPES[self.compute_dtype]
+
+    @property
+    def torch_lora_dtype(self) -> torch.dtype:
+        """Dtype of the adapter slot stacks: auto is float32 on cpu, the compute dtype on cuda."""
+        if self.lora_dtype != "auto":
+            return COMPUTE_DTYPES[self.lora_dtype]
+        return torch.float32 if self.resolved_device == "cpu" else self.torch_compute_dtype
 
     @property
     def adapter_root_paths(self) -> list[Path]:

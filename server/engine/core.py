@@ -13,6 +13,7 @@ from adapters.slots import SlotTable
 from adapters.train.manifest import base_fingerprint
 from loader.model import BaseModel
 from server.config import Config
+from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_cache import KVCache
 from server.engine.runner import ModelRunner
 from server.engine.sampler import sample
@@ -42,7 +43,9 @@ class EngineCore:
         # Triton BGMV kernels on CUDA, grouped batched GEMMs on CPU (see adapters/lora_ops.py)
         lora_op = lora_op or ("triton" if device.startswith("cuda") else "grouped")
         self.routing = StepRouting(config.max_loras, lora_op)
-        self.layers = attach_multi_lora(model, self.routing, config.max_lora_rank)
+        self.layers = attach_multi_lora(
+            model, self.routing, config.max_lora_rank, config.torch_lora_dtype
+        )
         self.slots = SlotTable(self.layers, config.max_loras)
         self.shapes = base_linear_shapes(model)
         self.fingerprint = base_fingerprint(base)  # compared with trainer manifests
@@ -59,9 +62,14 @@ class EngineCore:
             device,
         )
         self.scheduler = Scheduler(config, self.kv, self.slots, self.registry)
-        self.runner = ModelRunner(model, self.kv, self.routing)
         context = config.max_model_len or hf.max_position_embeddings
         self.max_model_len = min(context, self.kv.num_blocks * config.block_size)
+        graphs = None
+        if config.cuda_graphs and device.startswith("cuda") and lora_op == "triton":
+            graphs = DecodeGraphs(
+                model, self.kv, self.routing, config.max_num_seqs, self.max_model_len
+            )
+        self.runner = ModelRunner(model, self.kv, self.routing, graphs)
         self.eos_ids = eos_token_ids(base)
         self.seqs: dict[str, Sequence] = {}
         self.steps = 0

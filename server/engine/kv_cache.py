@@ -8,7 +8,8 @@ from server.engine.sequence import Sequence
 
 
 class KVCache:
-    """K/V storage for every layer as [num_blocks * block_size, kv_heads, head_dim] plus free blocks."""
+    """K/V storage for every layer as [num_blocks * block_size + 1, kv_heads, head_dim] plus free
+    blocks; the last row belongs to no block (scratch_row: padding rows of a CUDA graph use it)."""
 
     def __init__(
         self,
@@ -22,7 +23,8 @@ class KVCache:
     ) -> None:
         self.block_size = block_size
         self.num_blocks = capacity_tokens // block_size
-        size = (self.num_blocks * block_size, kv_heads, head_dim)
+        self.scratch_row = self.num_blocks * block_size
+        size = (self.scratch_row + 1, kv_heads, head_dim)
         self.k = [torch.zeros(size, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(size, dtype=dtype, device=device) for _ in range(num_layers)]
         self.free: list[int] = list(range(self.num_blocks - 1, -1, -1))

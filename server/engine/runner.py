@@ -2,88 +2,117 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from transformers import PreTrainedModel
 
 from adapters.layer import StepRouting
 from server.engine.attention import ATTN_NAME, AttnBatch, PrefillChunk
+from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_cache import KVCache
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
 
 
+@dataclass
+class PackedStep:
+    """One step's tokens in packed order, with where their K/V go and what each attends to."""
+
+    ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)  # adapter slot per token, -1 = base
+    mapping: list[torch.Tensor] = field(default_factory=list)  # pool rows of each item's tokens
+    decode_rows: list[int] = field(default_factory=list)
+    decode_index: list[torch.Tensor] = field(default_factory=list)  # [L_i] pool rows attended
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    sample_seqs: list[Sequence] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)
+
+    @property
+    def decode_only(self) -> bool:
+        """Whether every token is a decode token (each one then samples)."""
+        return len(self.decode_rows) == len(self.ids)
+
+
+def pack(batch: ScheduledBatch, kv: KVCache) -> PackedStep:
+    """The packed step of a scheduled batch."""
+    step = PackedStep()
+    for seq, n in batch.items:
+        start, row = seq.num_computed, len(step.ids)
+        step.ids.extend(seq.tokens[start : start + n])
+        step.positions.extend(range(start, start + n))
+        step.slots.extend([seq.slot] * n)
+        step.mapping.append(kv.indices(seq, start, start + n))
+        if seq.is_decoding:
+            step.decode_rows.append(row)
+            step.decode_index.append(kv.indices(seq, 0, start + 1))
+        else:
+            step.prefills.append(PrefillChunk(row, row + n, start, kv.indices(seq, 0, start + n)))
+        if start + n == seq.length:  # the chunk reaches the end: sample the next token
+            step.sample_seqs.append(seq)
+            step.sample_rows.append(row + n - 1)
+    return step
+
+
 class ModelRunner:
     """Owns the model's forward for the engine: inputs, KV placement, adapter routing, lm_head."""
 
-    def __init__(self, model: PreTrainedModel, kv: KVCache, routing: StepRouting) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        kv: KVCache,
+        routing: StepRouting,
+        graphs: DecodeGraphs | None = None,
+    ) -> None:
         self.model = model
         self.kv = kv
         self.routing = routing
+        self.graphs = graphs
         self.device = next(model.parameters()).device
         model.set_attn_implementation(ATTN_NAME)
 
-    def build(self, batch: ScheduledBatch) -> tuple[dict, list[Sequence], torch.Tensor]:
-        """Model inputs for the batch, the sequences to sample, and their rows in the packed batch."""
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        mapping: list[torch.Tensor] = []
-        decode_rows: list[int] = []
-        decode_index: list[torch.Tensor] = []
-        prefills: list[PrefillChunk] = []
-        sample_seqs: list[Sequence] = []
-        sample_rows: list[int] = []
-        for seq, n in batch.items:
-            start, row = seq.num_computed, len(ids)
-            ids.extend(seq.tokens[start : start + n])
-            positions.extend(range(start, start + n))
-            slots.extend([seq.slot] * n)
-            mapping.append(self.kv.indices(seq, start, start + n))
-            if seq.is_decoding:
-                decode_rows.append(row)
-                decode_index.append(self.kv.indices(seq, 0, start + 1))
-            else:
-                prefills.append(
-                    PrefillChunk(row, row + n, start, self.kv.indices(seq, 0, start + n))
-                )
-            if start + n == seq.length:  # the chunk reaches the end: sample the next token
-                sample_seqs.append(seq)
-                sample_rows.append(row + n - 1)
-        lmax = max((len(i) for i in decode_index), default=0)
-        index = torch.zeros(len(decode_index), lmax, dtype=torch.int64)  # [Nd, Lmax]
-        mask = torch.zeros(len(decode_index), 1, 1, lmax, dtype=torch.bool)  # [Nd, 1, 1, Lmax]
-        for i, rows in enumerate(decode_index):
+    def eager_inputs(self, step: PackedStep) -> dict:
+        """Keyword arguments of the model's forward for a packed step (lora_slots included)."""
+        lmax = max((len(i) for i in step.decode_index), default=0)
+        index = torch.zeros(len(step.decode_index), lmax, dtype=torch.int64)  # [Nd, Lmax]
+        mask = torch.zeros(len(step.decode_index), 1, 1, lmax, dtype=torch.bool)  # [Nd,1,1,Lmax]
+        for i, rows in enumerate(step.decode_index):
             index[i, : len(rows)] = rows
             mask[i, 0, 0, : len(rows)] = True
         dev = self.device
         attn = AttnBatch(
             kv=self.kv,
-            slot_mapping=torch.cat(mapping).to(dev),
-            decode_rows=torch.tensor(decode_rows, dtype=torch.int64, device=dev),
+            slot_mapping=torch.cat(step.mapping).to(dev),
+            decode_rows=torch.tensor(step.decode_rows, dtype=torch.int64, device=dev),
             decode_kv_index=index.to(dev),
             decode_mask=mask.to(dev),
-            prefills=[PrefillChunk(p.start, p.end, p.offset, p.kv_index.to(dev)) for p in prefills],
+            prefills=[
+                PrefillChunk(p.start, p.end, p.offset, p.kv_index.to(dev)) for p in step.prefills
+            ],
         )
-        slot_tensor = torch.tensor(slots, dtype=torch.int64, device=dev)  # [T]
-        inputs = {
-            "input_ids": torch.tensor([ids], device=dev),  # [1, T]
-            "position_ids": torch.tensor([positions], device=dev),  # [1, T]
+        return {
+            "input_ids": torch.tensor([step.ids], device=dev),  # [1, T]
+            "position_ids": torch.tensor([step.positions], device=dev),  # [1, T]
             "attn_batch": attn,
-            "lora_slots": slot_tensor,
+            "lora_slots": torch.tensor(step.slots, dtype=torch.int64, device=dev),  # [T]
         }
-        return inputs, sample_seqs, torch.tensor(sample_rows, dtype=torch.int64, device=dev)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
         """Forward the batch; returns the sequences to sample and their logits [N, V] in float32."""
-        inputs, seqs, rows = self.build(batch)
+        step = pack(batch, self.kv)
+        if self.graphs is not None and step.decode_only and self.graphs.fits(step):
+            return step.sample_seqs, self.graphs.run(step)
+        inputs = self.eager_inputs(step)
         slots = inputs.pop("lora_slots")
-        self.routing.set(slots if bool((slots >= 0).any()) else None)
+        self.routing.set(slots if any(s >= 0 for s in step.slots) else None)
         try:
             hidden = self.model.model(**inputs, use_cache=False).last_hidden_state  # [1, T, H]
         finally:
             self.routing.set(None)
-        if not seqs:
-            return seqs, torch.empty(0)
+        if not step.sample_seqs:
+            return step.sample_seqs, torch.empty(0)
+        rows = torch.tensor(step.sample_rows, dtype=torch.int64, device=self.device)
         logits = self.model.lm_head(hidden[0].index_select(0, rows))  # [N, V]
-        return seqs, logits.float()
+        return step.sample_seqs, logits.float()
