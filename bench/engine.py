@@ -3,6 +3,7 @@
 Every system runs in this one process on the same NF4 base and the same requests; measurements are
 taken in interleaved rounds so that machine noise hits every system alike, and each figure is the
 best (highest tokens/s) of the rounds; every sample goes to the JSON. Writes results/bench-engine/{engine.md, engine.png, engine.json, profile.txt}.
+With --device cuda (or auto on a GPU host) it runs bench.engine_cuda instead.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from bench import engine_cuda
 from bench.engine_report import EngineResults, markdown_table, ratios_table, write_json, write_plot
 from bench.engine_systems import (
     agreement,
@@ -25,6 +27,7 @@ from bench.engine_systems import (
     run_peft_sequential,
 )
 from bench.workload import BenchRequest, adapter_name, make_adapters, make_prompts, make_requests
+from server.config import Config
 from server.engine.core import EngineCore
 
 log = logging.getLogger("loraplex.bench")
@@ -71,6 +74,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="results/bench-engine", help="folder for table and plot")
     parser.add_argument("--adapters-dir", default="results/bench-adapters", help="adapter cache")
     parser.add_argument("--json", default=None, help="also write the JSON results here")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="cpu: the demo model against PEFT; cuda: Llama-shaped random NF4 bases against the "
+        "memory-bandwidth floor (auto: cuda when available)",
+    )
+    engine_cuda.add_arguments(parser)
 
 
 def _apply_quick(args: argparse.Namespace) -> None:
@@ -117,7 +128,6 @@ def build_setup(args: argparse.Namespace, ks: list[int], pops: list[str], ref_k:
 
     from adapters.format import base_linear_shapes, read_adapter
     from loader.model import load_base
-    from server.config import Config
 
     config = Config(
         model=args.model,
@@ -184,6 +194,8 @@ def measure(setup: Setup, args: argparse.Namespace, ref_k: int) -> EngineResults
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; print and write the table, plot and JSON (and the profile if asked)."""
+    if Config(device=args.device).resolved_device == "cuda":
+        return engine_cuda.run(args)
     if args.quick:
         _apply_quick(args)
     if args.threads:

@@ -109,8 +109,10 @@ def peft_forced(model, ids: list[int], adapter: str | None, tokens: list[int]):
     over the prompt plus tokens."""
     import torch
 
+    device = next(model.parameters()).device
     with adapter_active(model, adapter):
-        return model(torch.tensor([ids + tokens[:-1]])).logits[0, len(ids) - 1 :].float()
+        logits = model(torch.tensor([ids + tokens[:-1]], device=device)).logits
+    return logits[0, len(ids) - 1 :].float().cpu()
 
 
 def peft_stepwise(model, ids: list[int], adapter: str | None, tokens: list[int]):
@@ -118,23 +120,29 @@ def peft_stepwise(model, ids: list[int], adapter: str | None, tokens: list[int])
     prompt, then one token per forward through the KV cache."""
     import torch
 
+    device = next(model.parameters()).device
     with adapter_active(model, adapter):
-        out = model(torch.tensor([ids]), use_cache=True)
+        out = model(torch.tensor([ids], device=device), use_cache=True)
         rows = [out.logits[0, -1]]
         for token in tokens[:-1]:
             out = model(
-                torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True
+                torch.tensor([[token]], device=device),
+                past_key_values=out.past_key_values,
+                use_cache=True,
             )
             rows.append(out.logits[0, -1])
-    return torch.stack(rows).float()
+    return torch.stack(rows).float().cpu()
 
 
 def peft_greedy(model, ids: list[int], adapter: str | None, new_tokens: int) -> list[int]:
     """PEFT's greedy tokens for one request alone (token by token, as generate decodes)."""
     import torch
 
+    device = next(model.parameters()).device
     with adapter_active(model, adapter):
-        out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False)
+        out = model.generate(
+            torch.tensor([ids], device=device), max_new_tokens=new_tokens, do_sample=False
+        )
     return out[0, len(ids) :].tolist()
 
 
