@@ -12,8 +12,7 @@ from torch import nn
 
 from adapters.format import LoraModule
 from adapters.lora_ops import GroupPlan, lora_grouped, lora_reference
-from adapters.nf4_matmul import MAX_ROWS, nf4_matmul, supports
-from adapters.triton_lora import lora_triton, triton_available
+from adapters.triton_lora import lora_triton
 
 LORA_OPS = ("grouped", "reference", "triton")
 
@@ -57,7 +56,6 @@ class MultiLoraLinear(nn.Module):
         routing: StepRouting,
         max_rank: int,
         dtype: torch.dtype = torch.float32,
-        fused_nf4: bool = True,
     ) -> None:
         super().__init__()
         self.base = base
@@ -76,11 +74,6 @@ class MultiLoraLinear(nn.Module):
         # real rank per slot, read by the Triton kernels so padding past it is never touched
         self.register_buffer("slot_ranks", torch.zeros(slots, dtype=torch.int32, device=device))
         self.active: set[int] = set()
-        # 2..MAX_ROWS rows of an NF4 base on CUDA go through loraplex's fused NF4 kernel (one row:
-        # bitsandbytes' GEMV is faster; more rows: its dequantize + GEMM)
-        self.fused_base = (
-            fused_nf4 and device.type == "cuda" and supports(base) and triton_available()
-        )
 
     @property
     def lora_B(self) -> torch.Tensor:
@@ -110,10 +103,7 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out]."""
-        if self.fused_base and self.in_features < x.numel() <= MAX_ROWS * self.in_features:
-            y = nf4_matmul(x, self.base)
-        else:
-            y = self.base(x)
+        y = self.base(x)
         routing = self.routing
         if routing.tokens is None:
             return y
@@ -151,11 +141,7 @@ def decoder_linear_names(model: nn.Module) -> list[str]:
 
 
 def attach_multi_lora(
-    model: nn.Module,
-    routing: StepRouting,
-    max_rank: int,
-    dtype: torch.dtype = torch.float32,
-    fused_nf4: bool = True,
+    model: nn.Module, routing: StepRouting, max_rank: int, dtype: torch.dtype = torch.float32
 ) -> dict[str, MultiLoraLinear]:
     """Wrap every decoder linear of model in place; returns the wrappers by base module path."""
     wrapped: dict[str, MultiLoraLinear] = {}
@@ -164,7 +150,7 @@ def attach_multi_lora(
             raise ValueError(f"{name} is already wrapped")
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        layer = MultiLoraLinear(getattr(parent, child), routing, max_rank, dtype, fused_nf4)
+        layer = MultiLoraLinear(getattr(parent, child), routing, max_rank, dtype)
         setattr(parent, child, layer)
         wrapped[name] = layer
     return wrapped

@@ -58,7 +58,7 @@ def interpreter_active() -> bool:
     return _kernels()[2]
 
 
-def pow2_at_most(n: int, cap: int) -> int:
+def _pow2_at_most(n: int, cap: int) -> int:
     """The smallest power of two >= n, capped at cap."""
     return min(cap, 1 << max(n - 1, 0).bit_length())
 
@@ -123,8 +123,8 @@ def lora_triton(
             "lora_triton on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 before "
             "triton is first imported (torch._dynamo imports it), or use lora_grouped on CPU"
         )
-    block_r = pow2_at_most(r_max, BLOCK_R)
-    block_k = pow2_at_most(width, BLOCK_K)
+    block_r = _pow2_at_most(r_max, BLOCK_R)
+    block_k = _pow2_at_most(width, BLOCK_K)
     k_per_split = -(-max(K_PER_SPLIT, block_k) // block_k) * block_k
     splits = -(-width // k_per_split)
     # rows past a token's rank are never written nor read; zeros keep the buffer clean anyway
@@ -149,7 +149,7 @@ def lora_triton(
         BLOCK_K=block_k,
         enable_fp_fusion=FP_FUSION,
     )
-    block_n = pow2_at_most(out_features, BLOCK_N)
+    block_n = _pow2_at_most(out_features, BLOCK_N)
     expand[(T, -(-out_features // block_n))](
         h_part,
         B,

@@ -50,9 +50,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--decode-steps", type=int, default=16, help="timed steps per round")
     group.add_argument("--peft-points", default="8x8,32x32", help="PEFT runs as BATCHxN pairs")
     group.add_argument("--eager-points", default="1x0,1x32,64x0,64x32", help="graphs-off runs")
-    group.add_argument(
-        "--bnb-points", default="1x0,8x0,32x0,32x32,64x0", help="runs on bitsandbytes' kernels"
-    )
 
 
 def random_adapters(
@@ -156,25 +153,6 @@ def build_peft(
     return peft.eval()
 
 
-def bnb_rate(
-    engine: EngineCore, batch: int, count: int, args: argparse.Namespace, vocab: int
-) -> float:
-    """decode_rate with the base's 4-bit matmuls left to bitsandbytes (graphs recaptured)."""
-    fused = [layer for layer in engine.layers.values() if layer.fused_base]
-    graphs = engine.runner.graphs
-    for layer in fused:
-        layer.fused_base = False
-    if graphs is not None:
-        graphs.reset()
-    try:
-        return decode_rate(engine, batch, count, args, vocab)[0]
-    finally:
-        for layer in fused:
-            layer.fused_base = True
-        if graphs is not None:
-            graphs.reset()
-
-
 def _points(text: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in part.split("x")) for part in text.split(",") if part.strip()]
 
@@ -225,8 +203,6 @@ def bench_shape(shape: str, args: argparse.Namespace, bandwidth: float) -> dict:
                 graphs, engine.runner.graphs = engine.runner.graphs, None
                 row["tokens_per_s_no_graphs"] = decode_rate(engine, batch, count, args, vocab)[0]
                 engine.runner.graphs = graphs
-            if (batch, count) in _points(args.bnb_points):
-                row["tokens_per_s_bnb"] = bnb_rate(engine, batch, count, args, vocab)
             if peft is not None and (batch, count) in peft_points:
                 row["peft_tokens_per_s"] = peft_decode_rate(peft, batch, count, args, vocab)
             rows.append(row)

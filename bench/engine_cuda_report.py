@@ -43,17 +43,15 @@ def markdown(shapes: list[dict], settings: dict) -> str:
         )
         parts.append(
             "| batch | adapters N | distinct in batch | tokens/s | floor tokens/s | of floor "
-            "| bnb kernels tokens/s | graphs off tokens/s | PEFT mixed tokens/s |"
+            "| graphs off tokens/s | PEFT mixed tokens/s |"
         )
-        parts.append("|---|---|---|---|---|---|---|---|---|")
+        parts.append("|---|---|---|---|---|---|---|---|")
         for r in shape["rows"]:
             eager = r.get("tokens_per_s_no_graphs")
-            bnb = r.get("tokens_per_s_bnb")
             peft = r.get("peft_tokens_per_s")
             parts.append(
                 f"| {r['batch']} | {r['adapters']} | {r['distinct_in_batch']} "
                 f"| {r['tokens_per_s']:.0f} | {r['floor_tokens_per_s']:.0f} | {r['of_floor']:.2f} "
-                f"| {'-' if bnb is None else f'{bnb:.0f}'} "
                 f"| {'-' if eager is None else f'{eager:.0f}'} "
                 f"| {'-' if peft is None else f'{peft:.0f}'} |"
             )

@@ -26,8 +26,6 @@ HELP = {
     "block_size": "KV block size in tokens",
     "max_model_len": "max prompt + completion tokens (default: the model's context)",
     "cuda_graphs": "replay decode steps from CUDA graphs at bucketed batch sizes (cuda only)",
-    "fused_nf4": "decode-sized batches through loraplex's fused NF4 Triton kernel (cuda only; "
-    "off: bitsandbytes' kernels)",
     "adapters_dir": "watched folder whose PEFT subfolders are served as adapters",
     "adapter_roots": f"more folders (separated by {os.pathsep!r}) that load_lora_adapter may read",
     "adapters_poll_s": "seconds between polls of the adapters folder (0: no watching)",
@@ -97,7 +95,6 @@ ENGINE_FIELDS = (
     "block_size",
     "max_model_len",
     "cuda_graphs",
-    "fused_nf4",
 )
 ADAPTER_FIELDS = (
     "adapters_dir",

@@ -35,7 +35,6 @@ class Config:
     block_size: int = 16
     max_model_len: int | None = None
     cuda_graphs: bool = True
-    fused_nf4: bool = True
     # adapters
     adapters_dir: str | None = None
     adapter_roots: str | None = None

@@ -44,7 +44,7 @@ class EngineCore:
         lora_op = lora_op or ("triton" if device.startswith("cuda") else "grouped")
         self.routing = StepRouting(config.max_loras, lora_op)
         self.layers = attach_multi_lora(
-            model, self.routing, config.max_lora_rank, config.torch_lora_dtype, config.fused_nf4
+            model, self.routing, config.max_lora_rank, config.torch_lora_dtype
         )
         self.slots = SlotTable(self.layers, config.max_loras)
         self.shapes = base_linear_shapes(model)

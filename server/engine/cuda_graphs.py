@@ -57,11 +57,6 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.replays = 0
 
-    def reset(self) -> None:
-        """Drop every captured graph (after a change of what the forward runs) and their pool."""
-        self.graphs.clear()
-        self.pool = torch.cuda.graph_pool_handle()
-
     def fits(self, step: PackedStep) -> bool:
         """Whether a decode-only step fits the largest batch and context buckets."""
         longest = max(len(rows) for rows in step.decode_index)

@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import re
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,30 +139,3 @@ def edit_tensors() -> Callable[..., None]:
         save_file(tensors, file)
 
     return edit
-
-
-@pytest.fixture
-def interpreter_child() -> Callable[[str], None]:
-    """Runs a test file's `cpu-interpreter` cases in a child pytest with TRITON_INTERPRET=1.
-
-    Triton chooses interpreter or compiler when first imported, and the suite has imported it by
-    then (torch._dynamo does), so the CPU cases of the Triton kernel tests skip in this process and
-    run in the child instead; the child must pass them all, skipping none.
-    """
-    from adapters.triton_lora import interpreter_active
-
-    def run(test_file: str) -> None:
-        if interpreter_active():
-            pytest.skip("this process is in interpreter mode: the CPU cases ran in-process")
-        root = Path(__file__).resolve().parents[2]
-        env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-        command = [sys.executable, "-m", "pytest", str(Path(test_file).resolve()), "-q"]
-        command += ["-k", "cpu-interpreter", "--noconftest", "-p", "no:cacheprovider"]
-        done = subprocess.run(
-            command, cwd=root, env=env, capture_output=True, text=True, timeout=300
-        )
-        summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
-        assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-        assert re.search(r"\d+ passed", summary) and "skipped" not in summary, summary
-
-    return run
