@@ -73,6 +73,7 @@ class MultiLoraLinear(nn.Module):
         )
         # real rank per slot, read by the Triton kernels so padding past it is never touched
         self.register_buffer("slot_ranks", torch.zeros(slots, dtype=torch.int32, device=device))
+        self.ranks = [0] * slots  # host copy of slot_ranks (no device read to learn a slot's rank)
         self.active: set[int] = set()
 
     @property
@@ -86,20 +87,26 @@ class MultiLoraLinear(nn.Module):
         return self.lora_A.shape[1]
 
     def set_slot(self, slot: int, module: LoraModule | None) -> None:
-        """Write an adapter's A and scaled B into a slot (None clears the slot)."""
-        self.lora_A[slot].zero_()
-        self.lora_B[slot].zero_()
-        self.slot_ranks[slot] = 0
-        self.active.discard(slot)
+        """Write an adapter's A and scaled B into a slot (None clears the slot).
+
+        Only rows past the new rank that held the old adapter are zeroed; the rest is overwritten.
+        """
+        rank = 0 if module is None else module.rank
+        if rank > self.max_rank:
+            raise ValueError(f"rank {rank} exceeds the slot capacity {self.max_rank}")
+        previous = self.ranks[slot]
+        if previous > rank:
+            self.lora_A[slot, rank:previous].zero_()
+            self.lora_Bt[slot, rank:previous].zero_()
+        if module is not None:
+            self.lora_A[slot, :rank].copy_(module.A)
+            self.lora_Bt[slot, :rank].copy_(module.B.t()).mul_(module.scaling)
+        self.slot_ranks[slot] = rank
+        self.ranks[slot] = rank
         if module is None:
-            return
-        r = module.rank
-        if r > self.max_rank:
-            raise ValueError(f"rank {r} exceeds the slot capacity {self.max_rank}")
-        self.lora_A[slot, :r] = module.A.to(self.lora_A.dtype)
-        self.lora_B[slot, :, :r] = module.B.to(self.lora_B.dtype) * module.scaling
-        self.slot_ranks[slot] = r
-        self.active.add(slot)
+            self.active.discard(slot)
+        else:
+            self.active.add(slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out]."""
