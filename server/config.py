@@ -41,7 +41,7 @@ class Config:
     adapters_poll_s: float = 1.0
     max_loras: int = 8
     max_cpu_loras: int = 64
-    max_lora_rank: int = 64
+    max_lora_rank: int = 16  # vLLM's default; each slot is padded to it
     max_adapter_bytes: int = 512 * 1024 * 1024
     lora_dtype: str = "auto"
     # HTTP
