@@ -211,6 +211,30 @@ class PeftOracle:
         return flips
 
 
+def run_in_waves(engine, requests, joins: dict[int, int], params) -> dict[str, list[tuple]]:
+    """Run (request id, prompt ids, adapter) requests through an EngineCore, adding them in waves
+    (joins maps step number -> how many to add then); each request's (token, logprob) pairs."""
+    outputs: dict[str, list] = {rid: [] for rid, _, _ in requests}
+    pending, step = list(requests), 0
+    while pending or engine.has_work():
+        for _ in range(joins.get(step, 0)):
+            rid, ids, adapter = pending.pop(0)
+            engine.add_request(rid, ids, adapter, params)
+        for out in engine.step():
+            assert out.error is None, out.error
+            if out.token_id is not None:
+                outputs[out.request_id].append((out.token_id, out.logprob))
+        step += 1
+        assert step < 2000
+    return outputs
+
+
+@pytest.fixture(scope="session")
+def engine_waves():
+    """run_in_waves, for test modules (they cannot import conftest)."""
+    return run_in_waves
+
+
 @pytest.fixture(scope="session")
 def peft_oracle() -> PeftOracle:
     """The PEFT comparison (test modules cannot import conftest, so they take it as a fixture)."""

@@ -91,25 +91,15 @@ def test_graph_replay_equals_eager_forward(cuda_engine):
     assert torch.equal(bare[2], eager[2])  # the base-only row
 
 
-def test_cuda_engine_matches_peft_alone(cuda_engine, peft_oracle):
+def test_cuda_engine_matches_peft_alone(cuda_engine, peft_oracle, engine_waves):
     """A mixed batch (3 adapters + base, joins mid-flight) decoded through CUDA graphs equals
     PEFT run one request at a time, within the oracle's measured tolerance."""
     engine, peft, tokenizer = cuda_engine
     names = [*(adapter_name(i) for i in range(ADAPTERS)), None]
     requests = [(f"m{i}", ids, names[i % len(names)]) for i, ids in enumerate(prompts(8, 1))]
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=0)
-    outputs: dict[str, list] = {rid: [] for rid, _, _ in requests}
     replays = engine.runner.graphs.replays
-    pending, step = list(requests), 0
-    while pending or engine.has_work():
-        for _ in range({0: 5, 3: 3}.get(step, 0)):
-            rid, ids, name = pending.pop(0)
-            engine.add_request(rid, ids, name, params)
-        for out in engine.step():
-            assert out.error is None, out.error
-            if out.token_id is not None:
-                outputs[out.request_id].append((out.token_id, out.logprob))
-        step += 1
+    outputs = engine_waves(engine, requests, {0: 5, 3: 3}, params)
     assert engine.runner.graphs.replays - replays >= NEW_TOKENS - 4  # decode ran from graphs
     runs = [
         (rid, ids, name, [t for t, _ in outputs[rid]], [lp for _, lp in outputs[rid]])

@@ -46,29 +46,9 @@ def chat_ids(tokenizer, question: str) -> list[int]:
     ]
 
 
-def run_engine(
-    engine: EngineCore, requests: list[tuple[str, list[int], str | None]], joins: dict[int, int]
+def test_mixed_batch_equals_peft_alone(
+    demo_path, peft_adapters, peft_reference, peft_oracle, engine_waves
 ):
-    """Run requests, adding them in waves: joins maps step number -> how many to add then."""
-    outputs: dict[str, list] = {rid: [] for rid, _, _ in requests}
-    pending = list(requests)
-    step = 0
-    # every request runs NEW_TOKENS steps (the KV pressure does not depend on where EOS falls)
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=0)
-    while pending or engine.has_work():
-        for _ in range(joins.get(step, 0)):
-            rid, ids, adapter = pending.pop(0)
-            engine.add_request(rid, ids, adapter, params)
-        for out in engine.step():
-            assert out.error is None, out.error
-            if out.token_id is not None:
-                outputs[out.request_id].append((out.token_id, out.logprob))
-        step += 1
-        assert step < 2000
-    return outputs
-
-
-def test_mixed_batch_equals_peft_alone(demo_path, peft_adapters, peft_reference, peft_oracle):
     config = Config(
         model=str(demo_path),
         max_batch_tokens=48,  # prompts of 30-60 tokens are prefilled in chunks
@@ -91,7 +71,9 @@ def test_mixed_batch_equals_peft_alone(demo_path, peft_adapters, peft_reference,
         for i, q in enumerate(QUESTIONS[:16])
     ]
     assert max(len(ids) for _, ids, _ in requests) > config.max_batch_tokens
-    outputs = run_engine(engine, requests, joins={0: 8, 3: 4, 9: 4})
+    # every request runs NEW_TOKENS steps (the KV pressure does not depend on where EOS falls)
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=0)
+    outputs = engine_waves(engine, requests, {0: 8, 3: 4, 9: 4}, params)
     stats = engine.stats()
     assert stats.preemptions > 0, "the test must exercise preemption"
     assert stats.kv_used_blocks == 0 and stats.running == 0 and stats.waiting == 0
