@@ -26,7 +26,14 @@ from bench.engine_systems import (
     run_peft_mixed,
     run_peft_sequential,
 )
-from bench.workload import BenchRequest, adapter_name, make_adapters, make_prompts, make_requests
+from bench.workload import (
+    BenchRequest,
+    adapter_name,
+    make_adapters,
+    make_prompts,
+    make_requests,
+    parse_ints,
+)
 from server.config import Config
 from server.engine.core import EngineCore
 
@@ -41,10 +48,6 @@ QUICK = {
     "seq_requests": 2,
 }
 MAX_SLOTS = 64
-
-
-def _ints(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _apply_quick(args: argparse.Namespace) -> None:
     for name, value in QUICK.items():
         setattr(args, name, value)
-    args.ref_k = min(args.ref_k, max(_ints(args.ks)))
+    args.ref_k = min(args.ref_k, max(parse_ints(args.ks)))
 
 
 def _settings(args: argparse.Namespace, ks: list[int], pops: list[str], ref_k: int) -> dict:
@@ -200,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
         _apply_quick(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    ks, pops = _ints(args.ks), [p.strip() for p in args.popularity.split(",") if p.strip()]
+    ks, pops = parse_ints(args.ks), [p.strip() for p in args.popularity.split(",") if p.strip()]
     ref_k = args.ref_k if args.ref_k in ks else max(k for k in ks if k <= max(args.ref_k, min(ks)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

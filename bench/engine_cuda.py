@@ -29,15 +29,11 @@ from bench.engine_cuda_floor import (
 )
 from bench.engine_cuda_report import markdown, write_json
 from bench.engine_systems import PEFT_BASE_NAME
-from bench.workload import STRENGTH, adapter_name
+from bench.workload import STRENGTH, adapter_name, lora_stds, parse_ints
 from loader.synthetic import synthetic_base
 from server.config import Config
 from server.engine.core import EngineCore
 from server.engine.types import SamplingParams
-
-
-def _ints(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,9 +59,9 @@ def random_adapters(
         for path, (width, out) in shapes.items():
             if path.rsplit(".", 1)[-1] not in targets:
                 continue
-            A = torch.randn(rank, width, generator=generator, device="cuda") / width**0.5
-            B = torch.randn(out, rank, generator=generator, device="cuda")
-            B *= STRENGTH / (2 * rank**0.5)
+            a_std, b_std = lora_stds(width, rank, STRENGTH)
+            A = torch.randn(rank, width, generator=generator, device="cuda") * a_std
+            B = torch.randn(out, rank, generator=generator, device="cuda") * b_std
             modules[path] = LoraModule(A.bfloat16().cpu(), B.bfloat16().cpu(), 2.0)
         adapters.append(AdapterWeights(adapter_name(i), f"<random {i}>", modules))
     return adapters
@@ -159,7 +155,7 @@ def _points(text: str) -> list[tuple[int, int]]:
 
 def bench_shape(shape: str, args: argparse.Namespace, bandwidth: float) -> dict:
     """Every grid point of one shape: engine (graphs on), a few graphs off, PEFT, the floor."""
-    batches, counts = _ints(args.batches), _ints(args.adapter_counts)
+    batches, counts = parse_ints(args.batches), parse_ints(args.adapter_counts)
     config = Config(
         device="cuda",
         max_loras=max(max(counts), 1),

@@ -28,16 +28,27 @@ def adapter_name(index: int) -> str:
     return f"bench-{index:03d}"
 
 
+def parse_ints(text: str) -> list[int]:
+    """The integers of a comma-separated option value ("1,8,32")."""
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def lora_stds(fan_in: int, rank: int, strength: float) -> tuple[float, float]:
+    """Standard deviations of random A and B: A ~ N(0, 1/fan_in), B ~ N(0, (strength / (2
+    sqrt(rank)))^2), so that with lora_alpha = 2 * rank (scaling 2) a layer adds a delta of about
+    `strength` times its input's rms, whatever the rank."""
+    return 1 / fan_in**0.5, strength / (2 * rank**0.5)
+
+
 def randomize_lora(
     peft_model: torch.nn.Module, generator: torch.Generator, rank: int, strength: float
 ) -> None:
-    """Fill every LoRA weight of peft_model with seeded noise: A ~ N(0, 1/in_features) and
-    B ~ N(0, (strength / (2 sqrt(rank)))^2), so that with lora_alpha = 2 * rank each adapted layer
-    adds a delta of about `strength` times its input's rms, whatever the rank."""
+    """Fill every LoRA weight of peft_model with seeded noise of lora_stds (lora_alpha = 2 * rank)."""
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
-                std = 1 / param.shape[1] ** 0.5 if "lora_A" in name else strength / (2 * rank**0.5)
+                a_std, b_std = lora_stds(param.shape[1], rank, strength)
+                std = a_std if "lora_A" in name else b_std
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
