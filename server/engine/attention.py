@@ -39,6 +39,20 @@ class AttnBatch:
     prefills: list[PrefillChunk]
 
 
+def decode_table(
+    decode_index: list[torch.Tensor], rows: int, width: int, fill: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each decode token's attended pool rows padded to width with fill, and the mask of the real
+    ones; rows past len(decode_index) hold only fill and an all-False mask.
+    -> index [rows, width] int64, mask [rows, 1, 1, width] bool (host tensors)"""
+    index = torch.full((rows, width), fill, dtype=torch.int64)
+    mask = torch.zeros(rows, 1, 1, width, dtype=torch.bool)
+    for i, pool_rows in enumerate(decode_index):
+        index[i, : len(pool_rows)] = pool_rows
+        mask[i, 0, 0, : len(pool_rows)] = True
+    return index, mask
+
+
 def paged_attention(
     module: torch.nn.Module,
     query: torch.Tensor,

@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel
 
 from adapters.layer import StepRouting
-from server.engine.attention import AttnBatch
+from server.engine.attention import AttnBatch, decode_table
 from server.engine.kv_cache import KVCache
 
 if TYPE_CHECKING:
@@ -81,11 +81,7 @@ class DecodeGraphs:
         """Write the step's inputs into the first b rows and L columns of the static buffers."""
         n, scratch = len(step.ids), self.kv.scratch_row
         pad = b - n
-        index = torch.full((b, L), scratch, dtype=torch.int64)  # [b, L]
-        mask = torch.zeros(b, 1, 1, L, dtype=torch.bool)  # [b, 1, 1, L]
-        for i, rows in enumerate(step.decode_index):
-            index[i, : len(rows)] = rows
-            mask[i, 0, 0, : len(rows)] = True
+        index, mask = decode_table(step.decode_index, b, L, scratch)  # [b, L], [b, 1, 1, L]
         mask[n:, 0, 0, 0] = True  # padding rows attend the scratch row only
         self.ids[0, :b].copy_(torch.tensor(step.ids + [0] * pad))
         self.positions[0, :b].copy_(torch.tensor(step.positions + [0] * pad))

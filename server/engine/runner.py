@@ -8,7 +8,7 @@ import torch
 from transformers import PreTrainedModel
 
 from adapters.layer import StepRouting
-from server.engine.attention import ATTN_NAME, AttnBatch, PrefillChunk
+from server.engine.attention import ATTN_NAME, AttnBatch, PrefillChunk, decode_table
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_cache import KVCache
 from server.engine.scheduler import ScheduledBatch
@@ -75,11 +75,7 @@ class ModelRunner:
     def eager_inputs(self, step: PackedStep) -> dict:
         """Keyword arguments of the model's forward for a packed step (lora_slots included)."""
         lmax = max((len(i) for i in step.decode_index), default=0)
-        index = torch.zeros(len(step.decode_index), lmax, dtype=torch.int64)  # [Nd, Lmax]
-        mask = torch.zeros(len(step.decode_index), 1, 1, lmax, dtype=torch.bool)  # [Nd,1,1,Lmax]
-        for i, rows in enumerate(step.decode_index):
-            index[i, : len(rows)] = rows
-            mask[i, 0, 0, : len(rows)] = True
+        index, mask = decode_table(step.decode_index, len(step.decode_index), lmax, 0)
         dev = self.device
         attn = AttnBatch(
             kv=self.kv,
