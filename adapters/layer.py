@@ -73,8 +73,8 @@ class MultiLoraLinear(nn.Module):
         )
         # real rank per slot, read by the Triton kernels so padding past it is never touched
         self.register_buffer("slot_ranks", torch.zeros(slots, dtype=torch.int32, device=device))
-        self.ranks = [0] * slots  # host copy of slot_ranks (no device read to learn a slot's rank)
-        self.active: set[int] = set()
+        # slot -> rank of the adapter it holds (the host copy of slot_ranks' nonzero entries)
+        self.active: dict[int, int] = {}
 
     @property
     def lora_B(self) -> torch.Tensor:
@@ -94,7 +94,7 @@ class MultiLoraLinear(nn.Module):
         rank = 0 if module is None else module.rank
         if rank > self.max_rank:
             raise ValueError(f"rank {rank} exceeds the slot capacity {self.max_rank}")
-        previous = self.ranks[slot]
+        previous = self.active.get(slot, 0)
         if previous > rank:
             self.lora_A[slot, rank:previous].zero_()
             self.lora_Bt[slot, rank:previous].zero_()
@@ -102,11 +102,10 @@ class MultiLoraLinear(nn.Module):
             self.lora_A[slot, :rank].copy_(module.A)
             self.lora_Bt[slot, :rank].copy_(module.B.t()).mul_(module.scaling)
         self.slot_ranks[slot] = rank
-        self.ranks[slot] = rank
         if module is None:
-            self.active.discard(slot)
+            self.active.pop(slot, None)
         else:
-            self.active.add(slot)
+            self.active[slot] = rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out]."""
@@ -114,7 +113,7 @@ class MultiLoraLinear(nn.Module):
         routing = self.routing
         if routing.tokens is None:
             return y
-        if routing.slot_set is not None and self.active.isdisjoint(routing.slot_set):
+        if routing.slot_set is not None and self.active.keys().isdisjoint(routing.slot_set):
             return y  # no token of this step uses an adapter that adapts this layer
         flat = x.reshape(-1, self.in_features)  # [T, in]
         if routing.op == "reference":
