@@ -73,7 +73,7 @@ def expand_kernel(
     b_ptr,  # [S, out, r_max]
     tokens_ptr,  # [T]
     ranks_ptr,  # [S] int32
-    out_ptr,  # [T, out]
+    out_ptr,  # [T, out]: written, or added to when ADD_OUT
     out_features,
     num_splits,
     stride_hs,
@@ -86,10 +86,13 @@ def expand_kernel(
     R_MAX: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    ADD_OUT: tl.constexpr,
 ):
-    """Grid (T, cdiv(out, BLOCK_N)): out[t, n-block] = B[s, n-block, :rank] @ sum_split(h), fp32.
+    """Grid (T, cdiv(out, BLOCK_N)): out[t, n-block] (+)= B[s, n-block, :rank] @ sum_split(h), fp32.
 
-    Every output element is written: base-only tokens and rank-0 slots get exact zeros.
+    Without ADD_OUT every output element is written: base-only tokens and rank-0 slots get exact
+    zeros. With ADD_OUT the LoRA term is added to out in fp32 and rounded once at the store; rows of
+    base-only tokens and rank-0 slots are neither read nor written.
     """
     t = tl.program_id(0).to(tl.int64)
     block_n = tl.program_id(1)
@@ -115,5 +118,8 @@ def expand_kernel(
             other=0.0,
         ).to(tl.float32)  # [BLOCK_N, BLOCK_R]
         acc += tl.sum(bv * hv[None, :], axis=1)  # [BLOCK_N]
-    out_row = out_ptr + t * stride_ot
-    tl.store(out_row + cols * stride_on, acc.to(out_ptr.dtype.element_ty), mask=nmask)
+    out_ptrs = out_ptr + t * stride_ot + cols * stride_on  # [BLOCK_N]
+    if ADD_OUT:
+        nmask = cols < tl.where(rank > 0, out_features, 0)  # no LoRA term: row left untouched
+        acc += tl.load(out_ptrs, mask=nmask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=nmask)

@@ -20,24 +20,28 @@ LORA_OPS = ("grouped", "reference", "triton")
 class StepRouting:
     """Per-step adapter routing: each token's slot and the grouping plan derived from it once."""
 
-    def __init__(self, num_slots: int, op: str = "grouped") -> None:
+    def __init__(
+        self, num_slots: int, op: str = "grouped", device: torch.device | str = "cpu"
+    ) -> None:
         if op not in LORA_OPS:
             raise ValueError(f"unknown LoRA op {op!r}; choose from {LORA_OPS}")
         self.num_slots = num_slots
         self.op = op
+        self.device = torch.device(device)  # where the wrapped layers run
         self.tokens: torch.Tensor | None = None
-        self.plan: GroupPlan | None = None
+        self.plan: GroupPlan | None = None  # the grouped op's plan
         self.slot_set: frozenset[int] | None = frozenset()  # None: any slot may be present
 
     def set(self, tokens: torch.Tensor | None) -> None:
-        """Route the next forward: tokens [T] int64 slot per token (-1 = base), or None for no LoRA."""
-        self.tokens = tokens
-        self.plan = None if tokens is None else GroupPlan.build(tokens.cpu(), self.num_slots)
-        if self.plan is None:
-            self.slot_set = frozenset()
+        """Route the next forward: tokens [T] int64 slot per token (-1 = base) on the host, or None
+        for no LoRA. Everything is derived on the host and copied once: the device never waits."""
+        if tokens is None:
+            self.tokens, self.plan, self.slot_set = None, None, frozenset()
             return
-        self.slot_set = frozenset(self.plan.slots.tolist())
-        self.plan = self.plan.to(tokens.device)
+        self.slot_set = frozenset(tokens[tokens >= 0].tolist())
+        self.tokens = tokens.to(self.device)
+        plan = GroupPlan.build(tokens, self.num_slots) if self.op == "grouped" else None
+        self.plan = None if plan is None else plan.to(self.device)
 
     def set_static(self, tokens: torch.Tensor) -> None:
         """Route through a buffer read at run time (CUDA graph capture): every layer runs the
@@ -116,10 +120,14 @@ class MultiLoraLinear(nn.Module):
         if routing.slot_set is not None and self.active.keys().isdisjoint(routing.slot_set):
             return y  # no token of this step uses an adapter that adapts this layer
         flat = x.reshape(-1, self.in_features)  # [T, in]
+        if routing.op == "triton":
+            # added into the base output by the expand kernel (fp32 sum, one rounding): no extra
+            # launch for the add; y is the base layer's fresh output, so the view aliases it
+            out = y.view(-1, self.out_features)  # [T, out]
+            lora_triton(flat, self.lora_A, self.lora_B, routing.tokens, self.slot_ranks, out)
+            return y
         if routing.op == "reference":
             delta = lora_reference(flat, self.lora_A, self.lora_B, routing.tokens)
-        elif routing.op == "triton":
-            delta = lora_triton(flat, self.lora_A, self.lora_B, routing.tokens, self.slot_ranks)
         else:
             delta = lora_grouped(flat, self.lora_A, self.lora_B, routing.plan)
         # as PEFT does: the LoRA output is cast to the base output's dtype, then added

@@ -2,9 +2,10 @@
 
 Same layout and contract as adapters.lora_ops.lora_reference, plus slot_ranks [S] int32, the real
 rank of each slot, so a token's kernels only walk its own adapter's rank (mixed ranks cost what
-they use, not r_max). Two launches per call:
+they use, not r_max). Two launches per call, and no other device work:
   shrink  grid (T, SPLITS)        h_part [SPLITS, T, r_max] fp32 = x[t] @ A[s].T over a chunk of in
-  expand  grid (T, out / BLOCK_N) delta [T, out] = (sum of h_part) @ B[s].T, fp32 accumulation
+  expand  grid (T, out / BLOCK_N) delta [T, out] = (sum of h_part) @ B[s].T, fp32 accumulation,
+                                  written to a new tensor or added in place to the base output
 The split of `in` depends only on the layer's shape, and each program reads one token, so a token's
 delta is bitwise the same whatever else is in the batch.
 
@@ -69,6 +70,7 @@ def _check(
     B: torch.Tensor,
     tokens: torch.Tensor,
     slot_ranks: torch.Tensor,
+    out: torch.Tensor | None,
 ) -> None:
     """Raise ValueError unless the operands follow the slot-stack layout on one device."""
     if x.dim() != 2 or A.dim() != 3 or B.dim() != 3:
@@ -84,7 +86,12 @@ def _check(
         raise ValueError(f"slot_ranks must be [S] int32, got {slot_ranks.shape} {slot_ranks.dtype}")
     if A.dtype != B.dtype:
         raise ValueError(f"A and B dtypes differ: {A.dtype} vs {B.dtype}")
-    devices = {t.device for t in (x, A, B, tokens, slot_ranks)}
+    if out is not None and (out.shape != (x.shape[0], B.shape[1]) or not out.is_floating_point()):
+        raise ValueError(
+            f"out must be a float [T, out] = {(x.shape[0], B.shape[1])}, got {out.shape}"
+        )
+    operands = (x, A, B, tokens, slot_ranks) + (() if out is None else (out,))
+    devices = {t.device for t in operands}
     if len(devices) != 1:
         raise ValueError(f"operands on several devices: {sorted(map(str, devices))}")
     if x.device.type not in ("cuda", "cpu"):
@@ -97,23 +104,28 @@ def lora_triton(
     B: torch.Tensor,
     tokens: torch.Tensor,
     slot_ranks: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """delta[t] = (x[t] @ A[s].T) @ B[s].T for s = tokens[t], zero where s == -1.  -> [T, out] A.dtype
 
     x [T, in] (any float dtype; rounded to A's dtype like lora_reference), A [S, r_max, in],
     B [S, out, r_max] (scaled), tokens [T] slot per token, slot_ranks [S] int32 real rank of each
     slot (values above r_max are clamped to r_max). Sums accumulate in fp32; h is never rounded.
+    With out [T, out] (any float dtype, e.g. the base layer's output) delta is added to it in place
+    instead, in fp32 and rounded once, and out is returned; rows without a LoRA term are untouched.
     Slots must lie in [-1, S): they are not checked here, as that would synchronize the device.
     """
-    _check(x, A, B, tokens, slot_ranks)
+    _check(x, A, B, tokens, slot_ranks, out)
     T, width = x.shape
     S, r_max, _ = A.shape
     out_features = B.shape[1]
-    delta = torch.empty(T, out_features, dtype=A.dtype, device=x.device)  # [T, out]
+    add_out = out is not None
+    if out is None:
+        out = torch.empty(T, out_features, dtype=A.dtype, device=x.device)  # [T, out]
     if T == 0 or out_features == 0:
-        return delta
+        return out
     if r_max == 0 or width == 0:
-        return delta.zero_()
+        return out if add_out else out.zero_()
     # x rounded to A's dtype as lora_reference does (host side: torch rounds to nearest even, where
     # Triton's interpreter truncates fp32 -> bf16); a no-op when the dtypes already agree
     x = x.to(A.dtype)
@@ -127,8 +139,8 @@ def lora_triton(
     block_k = _pow2_at_most(width, BLOCK_K)
     k_per_split = -(-max(K_PER_SPLIT, block_k) // block_k) * block_k
     splits = -(-width // k_per_split)
-    # rows past a token's rank are never written nor read; zeros keep the buffer clean anyway
-    h_part = torch.zeros(splits, T, r_max, dtype=torch.float32, device=x.device)  # [SPLITS, T, r]
+    # each token's shrink writes the rows its expand reads (those below its rank): no fill needed
+    h_part = torch.empty(splits, T, r_max, dtype=torch.float32, device=x.device)  # [SPLITS, T, r]
     shrink[(T, splits)](
         x,
         A,
@@ -155,7 +167,7 @@ def lora_triton(
         B,
         tokens,
         slot_ranks,
-        delta,
+        out,
         out_features,
         splits,
         h_part.stride(0),
@@ -163,11 +175,12 @@ def lora_triton(
         B.stride(0),
         B.stride(1),
         B.stride(2),
-        delta.stride(0),
-        delta.stride(1),
+        out.stride(0),
+        out.stride(1),
         R_MAX=r_max,
         BLOCK_R=block_r,
         BLOCK_N=block_n,
+        ADD_OUT=add_out,
         enable_fp_fusion=FP_FUSION,
     )
-    return delta
+    return out

@@ -42,7 +42,7 @@ class EngineCore:
         device = str(next(model.parameters()).device)
         # Triton BGMV kernels on CUDA, grouped batched GEMMs on CPU (see adapters/lora_ops.py)
         lora_op = lora_op or ("triton" if device.startswith("cuda") else "grouped")
-        self.routing = StepRouting(config.max_loras, lora_op)
+        self.routing = StepRouting(config.max_loras, lora_op, device)
         self.layers = attach_multi_lora(
             model, self.routing, config.max_lora_rank, config.torch_lora_dtype
         )

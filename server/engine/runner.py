@@ -73,7 +73,8 @@ class ModelRunner:
         model.set_attn_implementation(ATTN_NAME)
 
     def eager_inputs(self, step: PackedStep) -> dict:
-        """Keyword arguments of the model's forward for a packed step (lora_slots included)."""
+        """Keyword arguments of the model's forward for a packed step (lora_slots included, on the
+        host: StepRouting derives what it needs there before copying them)."""
         lmax = max((len(i) for i in step.decode_index), default=0)
         index, mask = decode_table(step.decode_index, len(step.decode_index), lmax, 0)
         dev = self.device
@@ -91,7 +92,7 @@ class ModelRunner:
             "input_ids": torch.tensor([step.ids], device=dev),  # [1, T]
             "position_ids": torch.tensor([step.positions], device=dev),  # [1, T]
             "attn_batch": attn,
-            "lora_slots": torch.tensor(step.slots, dtype=torch.int64, device=dev),  # [T]
+            "lora_slots": torch.tensor(step.slots, dtype=torch.int64),  # [T]
         }
 
     @torch.inference_mode()

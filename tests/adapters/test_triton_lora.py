@@ -17,7 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
+from adapters.format import LoraModule
+from adapters.layer import MultiLoraLinear, StepRouting
 from adapters.lora_ops import lora_reference
 from adapters.triton_lora import interpreter_active, lora_triton, triton_available
 
@@ -154,6 +157,66 @@ def test_empty_and_base_only_batches(device):
     assert empty.shape == (0, 48)
 
 
+def store_bound(total: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The most one rounding of total [T, out] to dtype can move it (the interpreter truncates)."""
+    unit = 2 * U16 if dtype == torch.bfloat16 else U32
+    return unit * total.double().abs().cpu()
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=["out32", "out16"])
+@pytest.mark.parametrize(("x_dtype", "w_dtype"), DTYPES)
+def test_adds_into_out_in_place(device, x_dtype, w_dtype, out_dtype):
+    # the expand kernel adds the LoRA term to a given output (the base layer's) in fp32, one rounding
+    tokens = [0, -1, 1, 2, 3, 2, -1]
+    x, A, B, t, ranks = make_case([2, 4, 8, 0], 8, 600, 80, tokens, seed=4)
+    x, A, B = x.to(device, x_dtype), A.to(device, w_dtype), B.to(device, w_dtype)
+    t, ranks = t.to(device), ranks.to(device)
+    base = torch.randn(len(tokens), 80, generator=torch.Generator().manual_seed(5)).to(out_dtype)
+    out = base.to(device, copy=True)  # base keeps the values before the add
+    got = lora_triton(x, A, B, t, ranks, out)
+    assert got is out and got.dtype == out_dtype
+    want = base.double() + lora_reference(x, A, B, t).double().cpu()  # [T, out]
+    assert_matches_reference(got, want, error_bound(x, A, B, t) + store_bound(want, out_dtype))
+    no_lora = ((t < 0) | (t == 3)).cpu()
+    assert torch.equal(got.cpu()[no_lora], base[no_lora]), (
+        "rows without a LoRA term must be untouched"
+    )
+
+
+def test_layer_triton_op_matches_reference_op(device):
+    # MultiLoraLinear routes through lora_triton (added into the base output) or lora_reference
+    g = torch.Generator().manual_seed(6)
+    linear = nn.Linear(96, 64).to(device)
+    routing = StepRouting(num_slots=3, op="triton", device=device)
+    layer = MultiLoraLinear(linear, routing, max_rank=8)
+    for slot, rank in enumerate((8, 3)):  # slot 2 stays empty
+        module = LoraModule(
+            torch.randn(rank, 96, generator=g), torch.randn(64, rank, generator=g), 0.5
+        )
+        layer.set_slot(slot, module)
+    tokens = torch.tensor([1, -1, 0, 2, 0])  # on the host, as the runner passes them
+    x = torch.randn(5, 96, generator=g).to(device)
+    results = {}
+    for op in ("triton", "reference"):
+        routing.op = op
+        routing.set(tokens)
+        with torch.no_grad():
+            results[op] = layer(x)  # [5, 64]
+        routing.set(None)
+    with torch.no_grad():
+        base = linear(x)
+    t = tokens.to(device)
+    bound = error_bound(x, layer.lora_A, layer.lora_B, t) + store_bound(
+        results["reference"], torch.float32
+    )
+    assert_matches_reference(results["triton"], results["reference"], bound)
+    assert not torch.equal(results["triton"][0], base[0]), (
+        "the adapter must change its token's output"
+    )
+    no_lora = ((tokens < 0) | (tokens == 2)).to(device)
+    assert torch.equal(results["triton"][no_lora], base[no_lora])
+
+
 def test_rejects_bad_operands():
     x, A, B, t, ranks = make_case([4, 2], 4, 32, 48, [0, 1])
     with pytest.raises(ValueError, match="slot_ranks"):
@@ -162,6 +225,8 @@ def test_rejects_bad_operands():
         lora_triton(x[:, :16], A, B, t, ranks)
     with pytest.raises(ValueError, match="tokens"):
         lora_triton(x, A, B, t[:1], ranks)
+    with pytest.raises(ValueError, match="out must be"):
+        lora_triton(x, A, B, t, ranks, torch.zeros(2, 47))
 
 
 def test_cpu_interpreter_child():
@@ -203,11 +268,14 @@ def test_kernels_compile_for_h100_without_a_gpu():
         {**common, "x_ptr": "*bf16", "a_ptr": "*bf16", "h_ptr": "*fp32"},
         {"R_MAX": 64, "BLOCK_R": 16, "BLOCK_K": 256},
     )
-    expand = source(
-        expand_kernel,
-        {**common, "h_ptr": "*fp32", "b_ptr": "*bf16", "out_ptr": "*bf16"},
-        {"R_MAX": 64, "BLOCK_R": 16, "BLOCK_N": 64},
-    )
-    for src in (shrink, expand):
+    expands = [
+        source(
+            expand_kernel,
+            {**common, "h_ptr": "*fp32", "b_ptr": "*bf16", "out_ptr": "*bf16"},
+            {"R_MAX": 64, "BLOCK_R": 16, "BLOCK_N": 64, "ADD_OUT": add_out},
+        )
+        for add_out in (False, True)
+    ]
+    for src in (shrink, *expands):
         compiled = triton_compile(src, target=target, options={"enable_fp_fusion": True})
         assert compiled.asm["cubin"], f"{src.name}: no cubin"
