@@ -34,14 +34,16 @@ class StepRouting:
 
     def set(self, tokens: torch.Tensor | None) -> None:
         """Route the next forward: tokens [T] int64 slot per token (-1 = base) on the host, or None
-        for no LoRA. Everything is derived on the host and copied once: the device never waits."""
-        if tokens is None:
-            self.tokens, self.plan, self.slot_set = None, None, frozenset()
+        for no LoRA (as are tokens that all use the base). Everything is derived on the host and
+        copied once: the device never waits."""
+        slot_set = frozenset() if tokens is None else frozenset(tokens[tokens >= 0].tolist())
+        if not slot_set:
+            self.tokens, self.plan, self.slot_set = None, None, slot_set
             return
-        self.slot_set = frozenset(tokens[tokens >= 0].tolist())
+        self.slot_set = slot_set
         self.tokens = tokens.to(self.device)
-        plan = GroupPlan.build(tokens, self.num_slots) if self.op == "grouped" else None
-        self.plan = None if plan is None else plan.to(self.device)
+        grouped = self.op == "grouped"  # some token uses an adapter, so build gives a plan
+        self.plan = GroupPlan.build(tokens, self.num_slots).to(self.device) if grouped else None
 
     def set_static(self, tokens: torch.Tensor) -> None:
         """Route through a buffer read at run time (CUDA graph capture): every layer runs the

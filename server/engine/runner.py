@@ -102,8 +102,7 @@ class ModelRunner:
         if self.graphs is not None and step.decode_only and self.graphs.fits(step):
             return step.sample_seqs, self.graphs.run(step)
         inputs = self.eager_inputs(step)
-        slots = inputs.pop("lora_slots")
-        self.routing.set(slots if any(s >= 0 for s in step.slots) else None)
+        self.routing.set(inputs.pop("lora_slots"))
         try:
             hidden = self.model.model(**inputs, use_cache=False).last_hidden_state  # [1, T, H]
         finally:
