@@ -201,10 +201,10 @@ def run(args: argparse.Namespace) -> int:
     results/adapters.json."""
     import torch
 
+    from loader.config import Config
     from loader.demo import cache_dir
     from loader.model import load_base
     from loader.source import resolve_source
-    from server.config import Config
     from server.engine.core import EngineCore
 
     ranks = [int(r) for r in args.ranks.split(",")]

@@ -34,7 +34,7 @@ from bench.workload import (
     make_requests,
     parse_ints,
 )
-from server.config import Config
+from loader.config import Config
 from server.engine.core import EngineCore
 
 log = logging.getLogger("loraplex.bench")

@@ -30,8 +30,8 @@ from bench.engine_cuda_floor import (
 from bench.engine_cuda_report import markdown, write_json
 from bench.engine_systems import PEFT_BASE_NAME
 from bench.workload import STRENGTH, adapter_name, lora_stds, parse_ints
+from loader.config import Config
 from loader.synthetic import synthetic_base
-from server.config import Config
 from server.engine.core import EngineCore
 from server.engine.types import SamplingParams
 

@@ -50,7 +50,7 @@ def _arm_loraplex(spec: dict[str, Any]) -> dict[str, Any]:
     """Train with `adapters.train.trainer.train` and report its step-loop figures."""
     from adapters.train.config import TrainConfig
     from adapters.train.trainer import train
-    from server.config import Config
+    from loader.config import Config
 
     cfg = TrainConfig(rank=spec["rank"], alpha=spec["rank"], lr=spec["lr"], warmup_steps=3,
                       max_steps=spec["steps"], batch_size=spec["batch_size"], max_len=256,
@@ -68,8 +68,8 @@ def _arm_peft_trainer(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     from adapters.train.data import load_dataset
+    from loader.config import Config
     from loader.model import load_base
-    from server.config import Config
 
     base = load_base(Config(model=spec["model"]))
     data = load_dataset(Path(spec["data"]), base.tokenizer, 256)

@@ -21,9 +21,9 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from loader.config import Config
 from loader.errors import ModelSourceError
 from loader.source import resolve_source
-from server.config import Config
 
 SKIPPED_MODULES = ["lm_head"]
 CPU_OUT_FEATURES_MULTIPLE = 32

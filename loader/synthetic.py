@@ -17,8 +17,8 @@ from torch import nn
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from loader.config import Config
 from loader.model import BaseModel
-from server.config import Config
 
 # Published shapes (config.json of meta-llama/Meta-Llama-3-8B and Llama-3.2-1B); `tiny` is for tests
 SHAPES: dict[str, dict] = {

@@ -7,9 +7,9 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from loader.config import Config
 from server.admin_routes import router as admin_router
 from server.auth import KeyRing, load_keys
-from server.config import Config
 from server.errors import install_error_handlers
 from server.guards import Drain, Guard, Limits
 from server.metrics import Metrics, RequestMetricsMiddleware

@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import Request
 
-from server.config import Config, ConfigError
+from loader.config import Config, ConfigError
 from server.errors import APIError
 
 ROLES = ("user", "admin")

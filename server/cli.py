@@ -9,8 +9,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from loader.config import Config, ConfigError
 from loader.errors import ModelSourceError
-from server.config import Config, ConfigError
 
 log = logging.getLogger("loraplex")
 

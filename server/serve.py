@@ -10,9 +10,9 @@ from typing import Any
 
 import uvicorn
 
+from loader.config import Config, ConfigError
 from loader.memory import memory_report
 from loader.model import load_base
-from server.config import Config, ConfigError
 from server.shutdown import DrainingServer
 
 log = logging.getLogger("loraplex.serve")

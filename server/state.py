@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import Request
 
-from server.config import Config
+from loader.config import Config
 from server.engine.types import SamplingParams
 from server.generation import Generation
 from server.metrics import Metrics

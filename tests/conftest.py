@@ -10,9 +10,9 @@ import pytest
 import transformers
 
 from bench.workload import ALL_LINEAR, make_adapters
+from loader.config import Config
 from loader.demo import prepare_demo
 from loader.model import BaseModel, load_base
-from server.config import Config
 
 transformers.utils.logging.disable_progress_bar()
 

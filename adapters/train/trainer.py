@@ -33,9 +33,9 @@ from adapters.train.data import load_dataset, split
 from adapters.train.evaluate import AnswerLoss, task_score
 from adapters.train.loop import Batches, Session, StepHook, lr_factor
 from adapters.train.manifest import base_fingerprint, build_manifest, write_manifest
+from loader.config import Config
 from loader.model import load_base
 from loader.source import resolve_source
-from server.config import Config
 
 log = logging.getLogger("loraplex.train")
 

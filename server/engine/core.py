@@ -11,8 +11,8 @@ from adapters.layer import StepRouting, attach_multi_lora
 from adapters.registry import AdapterRegistry
 from adapters.slots import SlotTable
 from adapters.train.manifest import base_fingerprint
+from loader.config import Config
 from loader.model import BaseModel
-from server.config import Config
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_cache import KVCache
 from server.engine.runner import ModelRunner

@@ -12,8 +12,8 @@ from adapters.errors import AdapterError
 from adapters.names import validate_name
 from adapters.registry import AdapterEntry, resolve_adapter_folder
 from adapters.watch import AdapterDirWatcher, ScanResult
+from loader.config import Config
 from loader.model import BaseModel
-from server.config import Config
 from server.engine.core import EngineCore
 from server.engine.types import EngineError, EngineStats, SamplingParams, TokenOutput
 

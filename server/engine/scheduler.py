@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from adapters.registry import AdapterRegistry
 from adapters.slots import SlotTable
-from server.config import Config
+from loader.config import Config
 from server.engine.kv_cache import KVCache
 from server.engine.sequence import Sequence, Status
 

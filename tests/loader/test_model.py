@@ -12,11 +12,11 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
+from loader.config import Config, ConfigError
 from loader.errors import ModelSourceError
 from loader.memory import memory_report
 from loader.model import BaseModel, load_base
 from loader.source import resolve_source
-from server.config import Config, ConfigError
 
 
 def test_nf4_answers_paris(nf4_base: BaseModel):

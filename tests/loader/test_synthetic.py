@@ -8,9 +8,9 @@ import torch
 
 from adapters.format import base_linear_shapes
 from bench.engine_cuda_floor import adapter_bytes, kv_bytes_per_token, weight_bytes_per_step
+from loader.config import Config
 from loader.memory import memory_report
 from loader.synthetic import SHAPES, synthetic_base
-from server.config import Config
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from loader.config import ConfigError
 from server.auth import KeyRing, parse_keys
-from server.config import ConfigError
 
 KEYS = [
     {"key": "admin-key", "role": "admin", "adapters": "*"},

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from adapters.train.manifest import base_fingerprint, build_manifest, write_manifest
-from server.config import Config
+from loader.config import Config
 
 BASE = "SmolLM2-135M-Instruct"
 PROMPT = "The three primary colors are"

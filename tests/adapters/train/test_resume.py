@@ -17,7 +17,7 @@ from adapters.train.config import TrainConfig, TrainError
 from adapters.train.loop import Interrupted
 from adapters.train.manifest import MANIFEST_NAME
 from adapters.train.trainer import train
-from server.config import Config
+from loader.config import Config
 
 CFG = TrainConfig(max_steps=6, batch_size=2, grad_accum=2, max_len=64, eval_split=4, save_every=2,
                   lr=1e-3, dropout=0.1, seed=7)  # fmt: skip

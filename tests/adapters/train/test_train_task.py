@@ -14,9 +14,9 @@ from adapters.format import base_linear_shapes, read_adapter
 from adapters.train import tasks
 from adapters.train.evaluate import generate_answers
 from adapters.train.manifest import MANIFEST_NAME
+from loader.config import Config
 from loader.model import load_base
 from server.cli import main
-from server.config import Config
 from server.engine.core import EngineCore
 from server.engine.types import SamplingParams
 

@@ -16,9 +16,9 @@ from adapters.train.loop import lr_factor
 from adapters.train.manifest import base_fingerprint, fingerprint_mismatches
 from adapters.train.register import register_adapter
 from adapters.train.trainer import set_training_kernels, train
+from loader.config import Config
 from loader.model import BaseModel
 from server.cli import main
-from server.config import Config
 
 
 def nf4_layer() -> bnb.nn.Linear4bit:

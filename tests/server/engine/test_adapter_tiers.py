@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from bench.workload import make_adapters
+from loader.config import Config
 from loader.model import load_base
-from server.config import Config
 from server.engine.core import EngineCore
 from server.engine.types import EngineError, SamplingParams
 

@@ -13,8 +13,8 @@ import torch
 from adapters.format import base_linear_shapes
 from bench.engine_cuda import build_peft, random_adapters
 from bench.workload import ALL_LINEAR, adapter_name
+from loader.config import Config
 from loader.synthetic import synthetic_base
-from server.config import Config
 from server.engine.core import EngineCore
 from server.engine.runner import pack
 from server.engine.types import SamplingParams

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from adapters.format import base_linear_shapes, read_adapter
+from loader.config import Config
 from loader.model import load_base
-from server.config import Config
 from server.engine.core import EngineCore
 from server.engine.engine import AsyncEngine
 from server.engine.types import EngineError, SamplingParams

@@ -9,8 +9,8 @@ tests/conftest.py says how).
 from __future__ import annotations
 
 from adapters.format import read_adapter
+from loader.config import Config
 from loader.model import load_base
-from server.config import Config
 from server.engine.core import EngineCore
 from server.engine.types import SamplingParams
 
