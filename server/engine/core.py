@@ -11,6 +11,7 @@ from adapters.layer import StepRouting, attach_multi_lora
 from adapters.registry import AdapterRegistry
 from adapters.slots import SlotTable
 from adapters.train.manifest import base_fingerprint
+from loader.architecture import inspect_architecture
 from loader.config import Config
 from loader.model import BaseModel
 from server.engine.cuda_graphs import DecodeGraphs
@@ -40,6 +41,8 @@ class EngineCore:
         self.config = config
         model, hf = base.model, base.model.config
         device = str(next(model.parameters()).device)
+        self.arch = inspect_architecture(model)  # refuses what cannot be served exactly
+        log.info("architecture %s: attention %s", self.arch.model_type, self.arch.features())
         # Triton BGMV kernels on CUDA, grouped batched GEMMs on CPU (see adapters/lora_ops.py)
         lora_op = lora_op or ("triton" if device.startswith("cuda") else "grouped")
         self.routing = StepRouting(config.max_loras, lora_op, device)
@@ -51,11 +54,8 @@ class EngineCore:
         self.fingerprint = base_fingerprint(base)  # compared with trainer manifests
         self.registry = AdapterRegistry(self.read_adapter, config.max_cpu_loras)
         self._registry_changes = 0
-        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         self.kv = KVCache(
-            hf.num_hidden_layers,
-            hf.num_key_value_heads,
-            head_dim,
+            self.arch.layers,
             config.kv_capacity_tokens,
             config.block_size,
             config.torch_compute_dtype,

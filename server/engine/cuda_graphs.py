@@ -31,7 +31,7 @@ def bucket(n: int, minimum: int = 1) -> int:
 
 
 class DecodeGraphs:
-    """Captured decode forwards (model body and lm_head) over static input buffers."""
+    """Captured decode forwards (model and its head) over static input buffers."""
 
     def __init__(
         self,
@@ -96,6 +96,7 @@ class DecodeGraphs:
             kv=self.kv,
             slot_mapping=self.slot_mapping[:b],
             decode_rows=self.rows[:b],
+            decode_positions=self.positions[0, :b],
             decode_kv_index=self.kv_index[:b, :L],
             decode_mask=self.mask[:b, :, :, :L],
             prefills=[],
@@ -103,15 +104,16 @@ class DecodeGraphs:
         if lora:
             self.routing.set_static(self.lora[:b])
         try:
-            hidden = self.model.model(
+            logits = self.model(
                 input_ids=self.ids[:, :b],
                 position_ids=self.positions[:, :b],
                 attn_batch=attn,
                 use_cache=False,
-            ).last_hidden_state  # [1, b, H]
+                logits_to_keep=0,  # every row: all of them sample
+            ).logits  # [1, b, V]
         finally:
             self.routing.set(None)
-        return self.model.lm_head(hidden[0]).float()  # [b, V]
+        return logits[0].float()  # [b, V]
 
     def _capture(self, b: int, L: int, lora: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up once on a side stream, then capture the forward into a graph."""

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Layers
+
 import torch
 
+from loader.architecture import LayerAttention
 from server.engine.sequence import Sequence
 
 
 class KVCache:
-    """K/V storage for every layer as [num_blocks * block_size + 1, kv_heads, head_dim] plus free
-    blocks; the last row belongs to no block (scratch_row: padding rows of a CUDA graph use it)."""
+    """K/V storage for every attention layer, K as [num_blocks * block_size + 1, kv_heads, k_dim] and
+    V with the layer's v_dim (layers may differ), plus free blocks; the last row belongs to no block
+    (scratch_row: padding rows of a CUDA graph use it)."""
 
     def __init__(
         self,
-        num_layers: int,
-        kv_heads: int,
-        head_dim: int,
+        layers: Layers[LayerAttention],
         capacity_tokens: int,
         block_size: int,
         dtype: torch.dtype,
@@ -24,9 +26,13 @@ class KVCache:
         self.block_size = block_size
         self.num_blocks = capacity_tokens // block_size
         self.scratch_row = self.num_blocks * block_size
-        size = (self.scratch_row + 1, kv_heads, head_dim)
-        self.k = [torch.zeros(size, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(size, dtype=dtype, device=device) for _ in range(num_layers)]
+        rows = self.scratch_row + 1
+
+        def pool(heads: int, dim: int) -> torch.Tensor:
+            return torch.zeros(rows, heads, dim, dtype=dtype, device=device)
+
+        self.k = [pool(a.kv_heads, a.k_dim) for a in layers]
+        self.v = [pool(a.kv_heads, a.v_dim) for a in layers]
         self.free: list[int] = list(range(self.num_blocks - 1, -1, -1))
 
     @property

@@ -56,7 +56,7 @@ def pack(batch: ScheduledBatch, kv: KVCache) -> PackedStep:
 
 
 class ModelRunner:
-    """Owns the model's forward for the engine: inputs, KV placement, adapter routing, lm_head."""
+    """Owns the model's forward for the engine: inputs, KV placement, adapter routing, logits."""
 
     def __init__(
         self,
@@ -82,6 +82,9 @@ class ModelRunner:
             kv=self.kv,
             slot_mapping=torch.cat(step.mapping).to(dev),
             decode_rows=torch.tensor(step.decode_rows, dtype=torch.int64, device=dev),
+            decode_positions=torch.tensor(
+                [step.positions[r] for r in step.decode_rows], dtype=torch.int64, device=dev
+            ),
             decode_kv_index=index.to(dev),
             decode_mask=mask.to(dev),
             prefills=[
@@ -102,13 +105,12 @@ class ModelRunner:
         if self.graphs is not None and step.decode_only and self.graphs.fits(step):
             return step.sample_seqs, self.graphs.run(step)
         inputs = self.eager_inputs(step)
+        rows = torch.tensor(step.sample_rows, dtype=torch.int64, device=self.device)  # [N]
         self.routing.set(inputs.pop("lora_slots"))
         try:
-            hidden = self.model.model(**inputs, use_cache=False).last_hidden_state  # [1, T, H]
+            # the model's own head: final softcapping, logit scales and tied weights as it computes
+            # them, only for the rows that sample
+            logits = self.model(**inputs, use_cache=False, logits_to_keep=rows).logits  # [1, N, V]
         finally:
             self.routing.set(None)
-        if not step.sample_seqs:
-            return step.sample_seqs, torch.empty(0)
-        rows = torch.tensor(step.sample_rows, dtype=torch.int64, device=self.device)
-        logits = self.model.lm_head(hidden[0].index_select(0, rows))  # [N, V]
-        return step.sample_seqs, logits.float()
+        return step.sample_seqs, logits[0].float()

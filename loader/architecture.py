@@ -1,0 +1,197 @@
+"""What the engine must know of a base's architecture, read from the model itself at load time.
+
+A two-token probe forward runs with an attention function that records, for every attention call,
+the layer, the K/V shapes and the arguments transformers passes (sliding window, logit softcap,
+attention sinks, scaling). The engine sizes its KV pool per layer from it, and the paged attention
+honours those arguments. What the engine cannot compute exactly is refused here, before serving:
+layers that are not softmax attention (they keep recurrent or convolution state), non-causal
+attention, and any attention argument the paged attention does not implement.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, PreTrainedModel
+
+from loader.errors import ModelSourceError
+
+PROBE_NAME = "loraplex_probe"
+# attention arguments the paged attention implements (the values are honoured per layer)
+HANDLED_ARGUMENTS = ("sliding_window", "softcap", "s_aux")
+# arguments transformers forwards to every attention function that do not change the maths
+PASSTHROUGH_ARGUMENTS = frozenset(
+    {"position_ids", "use_cache", "output_router_logits", "output_attentions", "cache_position"}
+)
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+# module classes that keep per-sequence state across tokens (SSM, linear attention, short convs)
+STATEFUL_MODULE = re.compile(r"Mamba|DeltaNet|LinearAttention|ShortConv|Recurrent|RWKV|SSM", re.I)
+
+
+class UnsupportedArchitecture(ModelSourceError):
+    """The base uses a model feature the engine cannot serve exactly."""
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """One attention layer as the engine sees it: KV shapes and the arguments that change the maths."""
+
+    layer: int
+    kv_heads: int
+    k_dim: int
+    v_dim: int
+    sliding_window: int | None
+    softcap: float | None
+    sinks: bool
+
+    def describe(self) -> str:
+        """A short list of the layer's attention features ('full' when it has none)."""
+        parts = [f"window {self.sliding_window}"] if self.sliding_window else []
+        parts += [f"softcap {self.softcap:g}"] if self.softcap else []
+        parts += ["sinks"] if self.sinks else []
+        return ", ".join(parts) or "full"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The attention layers of a base (index = the layer's KV pool) and its 16-bit leftovers."""
+
+    model_type: str
+    layers: tuple[LayerAttention, ...]
+    fused_expert_params: tuple[str, ...]  # 3-D expert weights: never 4-bit, never LoRA-targeted
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """K and V bytes of one cached token over all layers."""
+        return sum(a.kv_heads * (a.k_dim + a.v_dim) for a in self.layers) * dtype.itemsize
+
+    def features(self) -> str:
+        """Distinct attention features over the layers, e.g. 'window 4096, softcap 50 | full'."""
+        return " | ".join(dict.fromkeys(a.describe() for a in self.layers))
+
+
+def _refuse(model: PreTrainedModel, what: str) -> UnsupportedArchitecture:
+    """The start-up refusal for one unsupported feature of model."""
+    return UnsupportedArchitecture(
+        f"loraplex cannot serve {model.config.model_type!r} ({type(model).__name__}) exactly: "
+        f"{what}. Refusing it rather than serving wrong output."
+    )
+
+
+def _check_layer_types(model: PreTrainedModel) -> None:
+    """Refuse configs declaring layers that are not softmax attention (linear attention, SSM...)."""
+    layer_types = getattr(model.config, "layer_types", None) or []
+    others = sorted({t for t in layer_types if t not in ATTENTION_LAYER_TYPES})
+    if others:
+        where = [i for i, t in enumerate(layer_types) if t in others]
+        raise _refuse(
+            model,
+            f"layers {where} are of type {', '.join(others)}, which keep per-sequence recurrent "
+            "or convolution state that the engine does not hold (only "
+            f"{' and '.join(ATTENTION_LAYER_TYPES)} layers are served)",
+        )
+
+
+def _check_stateful_modules(model: PreTrainedModel) -> None:
+    """Refuse decoder modules that carry state between tokens outside the KV cache."""
+    for name, module in model.named_modules():
+        stateful = isinstance(module, nn.Conv1d) or STATEFUL_MODULE.search(type(module).__name__)
+        if ".layers." in f".{name}" and stateful:
+            raise _refuse(
+                model,
+                f"{name} is a {type(module).__name__}, a layer with recurrent or convolution state "
+                "that the engine does not keep per sequence",
+            )
+
+
+def fused_expert_params(model: nn.Module) -> tuple[str, ...]:
+    """Names of the 3-D (per-expert) weight parameters inside the decoder layers."""
+    return tuple(
+        name
+        for name, param in model.named_parameters()
+        if param.dim() == 3 and ".layers." in f".{name}"
+    )
+
+
+def _probe(model: PreTrainedModel) -> list[tuple[nn.Module, torch.Tensor, dict]]:
+    """(module, key, arguments) of every attention call in a two-token forward of the body."""
+    calls: list[tuple[nn.Module, torch.Tensor, dict]] = []
+
+    def record(
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **kwargs: object,
+    ) -> tuple[torch.Tensor, None]:
+        calls.append((module, key, {"value_dim": value.shape[-1], **kwargs}))
+        batch, heads, tokens, _ = query.shape  # [B, H, T, D]
+        return query.new_zeros(batch, tokens, heads, value.shape[-1]), None
+
+    AttentionInterface.register(PROBE_NAME, record)
+    previous = model.config._attn_implementation
+    device = next(model.parameters()).device
+    model.set_attn_implementation(PROBE_NAME)
+    try:
+        with torch.inference_mode():
+            model.model(
+                input_ids=torch.tensor([[1, 2]], device=device),
+                position_ids=torch.tensor([[0, 1]], device=device),
+                use_cache=False,
+            )
+    finally:
+        model.set_attn_implementation(previous)
+    return calls
+
+
+def _layer(
+    model: PreTrainedModel, module: nn.Module, key: torch.Tensor, args: dict
+) -> LayerAttention:
+    """The LayerAttention of one recorded call, refusing arguments the engine does not implement."""
+    layer = getattr(module, "layer_idx", None)
+    if not isinstance(layer, int):
+        raise _refuse(model, f"attention module {type(module).__name__} has no layer_idx")
+    if getattr(module, "is_causal", True) is False:
+        raise _refuse(model, f"layer {layer} runs bidirectional (non-causal) attention")
+    known = {"value_dim", "scaling", "dropout", *HANDLED_ARGUMENTS, *PASSTHROUGH_ARGUMENTS}
+    unknown = {k: v for k, v in args.items() if k not in known and v is not None}
+    if unknown:
+        raise _refuse(
+            model,
+            f"layer {layer} passes attention arguments {sorted(unknown)} that loraplex's paged "
+            f"attention does not implement (it honours {', '.join(HANDLED_ARGUMENTS)} and scaling)",
+        )
+    window, softcap = args.get("sliding_window"), args.get("softcap")
+    return LayerAttention(
+        layer=layer,
+        kv_heads=key.shape[1],  # key [B, Hkv, T, Dk]
+        k_dim=key.shape[-1],
+        v_dim=int(args["value_dim"]),
+        sliding_window=int(window) if window else None,
+        softcap=float(softcap) if softcap else None,
+        sinks=args.get("s_aux") is not None,
+    )
+
+
+def inspect_architecture(model: PreTrainedModel) -> Architecture:
+    """The base's attention layers, or UnsupportedArchitecture naming what cannot be served."""
+    _check_layer_types(model)
+    _check_stateful_modules(model)
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        raise _refuse(model, "its forward has no logits_to_keep (needed to compute sampled rows)")
+    layers = sorted((_layer(model, *call) for call in _probe(model)), key=lambda a: a.layer)
+    count = model.config.get_text_config().num_hidden_layers
+    indices = [a.layer for a in layers]
+    if indices != list(range(count)):
+        missing = sorted(set(range(count)) - set(indices))
+        raise _refuse(
+            model,
+            f"decoder layers {missing} run no softmax attention (the engine keeps KV only for "
+            "attention layers); attention ran in layers "
+            f"{indices}",
+        )
+    return Architecture(model.config.model_type, tuple(layers), fused_expert_params(model))
