@@ -26,7 +26,11 @@ REFUSED_OPTIONS = {
     "use_qalora": "QALoRA (use_qalora) is not supported",
     "layer_replication": "layer_replication (a re-stacked base) is not supported",
     "trainable_token_indices": "trained token rows (trainable_token_indices) are not supported",
-    "target_parameters": "LoRA on raw parameters (target_parameters) is not supported",
+    "target_parameters": (
+        "LoRA on raw parameters (target_parameters, e.g. the fused MoE expert weights) is not "
+        "supported: loraplex serves LoRA on attention and dense linear layers (target_modules), "
+        "MoE routers and shared experts included, not on the experts themselves"
+    ),
     "megatron_config": "Megatron parallel LoRA layers (megatron_config) are not supported",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported",
     "velora_config": "VeLoRA (velora_config) is not supported",

@@ -29,7 +29,9 @@ PASSTHROUGH_ARGUMENTS = frozenset(
 )
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 # module classes that keep per-sequence state across tokens (SSM, linear attention, short convs)
-STATEFUL_MODULE = re.compile(r"Mamba|DeltaNet|LinearAttention|ShortConv|Recurrent|RWKV|SSM", re.I)
+STATEFUL_MODULE = re.compile(
+    r"Mamba|DeltaNet|LinearAttention|ShortConv|Recurrent|Rwkv|RWKV|Ssm|SSM"
+)
 
 
 class UnsupportedArchitecture(ModelSourceError):

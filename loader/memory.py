@@ -8,6 +8,8 @@ import bitsandbytes as bnb
 import torch
 from torch import nn
 
+from loader.architecture import fused_expert_params
+
 BF16_BYTES = 2
 
 
@@ -19,6 +21,10 @@ class MemoryReport:
     quantized_linear_bytes: int
     bf16_linear_bytes: int
     total_resident_bytes: int
+    expert_tensors: int = 0  # fused 3-D MoE expert weights: bitsandbytes leaves them 16-bit
+    expert_bytes: int = 0
+    unquantized_linears: int = 0  # decoder linears kept 16-bit (MoE routers)
+    unquantized_linear_bytes: int = 0
 
     @property
     def ratio(self) -> float:
@@ -28,10 +34,20 @@ class MemoryReport:
     def format(self) -> str:
         """One human-readable line."""
         mib = 1024 * 1024
+        kept = [
+            f"{count} {what} {nbytes / mib:.1f} MiB"
+            for count, what, nbytes in (
+                (self.expert_tensors, "fused MoE expert tensors", self.expert_bytes),
+                (self.unquantized_linears, "router linears", self.unquantized_linear_bytes),
+            )
+            if count
+        ]
         return (
             f"memory: {self.quantized_layers} quantized linear layers "
             f"{self.quantized_linear_bytes / mib:.1f} MiB vs {self.bf16_linear_bytes / mib:.1f} MiB "
-            f"in bf16 (ratio {self.ratio:.3f}); model resident {self.total_resident_bytes / mib:.1f} MiB"
+            f"in bf16 (ratio {self.ratio:.3f}); "
+            + (f"kept 16-bit in the decoder: {', '.join(kept)}; " if kept else "")
+            + f"model resident {self.total_resident_bytes / mib:.1f} MiB"
         )
 
 
@@ -57,6 +73,13 @@ def memory_report(model: nn.Module) -> MemoryReport:
             quantized += weight.numel() * weight.element_size() + extra
             bf16 += module.in_features * module.out_features * BF16_BYTES
             state_bytes += extra
+    expert_names = set(fused_expert_params(model))
+    experts = [p for name, p in model.named_parameters() if name in expert_names]
+    routers = [
+        m
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear and ".layers." in f".{name}" and layers  # quantized model only
+    ]
     seen: set[int] = set()
     resident = state_bytes
     for tensor in [*model.parameters(), *model.buffers()]:
@@ -64,4 +87,13 @@ def memory_report(model: nn.Module) -> MemoryReport:
         if key not in seen:  # tied weights share one storage
             seen.add(key)
             resident += tensor.untyped_storage().nbytes()
-    return MemoryReport(layers, quantized, bf16, resident)
+    return MemoryReport(
+        layers,
+        quantized,
+        bf16,
+        resident,
+        len(experts),
+        sum(p.numel() * p.element_size() for p in experts),
+        len(routers),
+        sum(p.numel() * p.element_size() for m in routers for p in m.parameters()),
+    )

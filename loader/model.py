@@ -1,6 +1,7 @@
 """Load a base causal LM, quantized to NF4/FP4 with bitsandbytes (or unquantized), plus its tokenizer.
 
-Quantized: every nn.Linear inside the decoder layers. Kept in 16-bit: embeddings, norms and lm_head.
+Quantized: every nn.Linear inside the decoder layers but MoE routers. Kept in 16-bit: embeddings, norms,
+lm_head, routers, and fused 3-D expert weights (not nn.Linear: bitsandbytes does not quantize them).
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.quantizers.quantizers_utils import should_convert_module
 
 from loader.config import Config
 from loader.errors import ModelSourceError
 from loader.source import resolve_source
 
-SKIPPED_MODULES = ["lm_head"]
+# kept 16-bit: the head, and MoE routers (tiny, and their top-k choice is sensitive, as in vLLM)
+SKIPPED_MODULES = ["lm_head", "mlp.gate", "shared_expert_gate", "block_sparse_moe.gate"]
 CPU_OUT_FEATURES_MULTIPLE = 32
+CPU_IN_FEATURES_MULTIPLE = 64  # bitsandbytes' 4-bit blocksize: its CPU kernel reshapes by it
 
 
 @dataclass
@@ -83,14 +87,19 @@ def check_quantizable(hf_config: PretrainedConfig, device: str) -> None:
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(hf_config)
     for name, module in skeleton.named_modules():
-        if not isinstance(module, nn.Linear) or name.split(".")[-1] in SKIPPED_MODULES:
+        if not isinstance(module, nn.Linear) or not should_convert_module(name, SKIPPED_MODULES):
             continue
-        if module.out_features % CPU_OUT_FEATURES_MULTIPLE:
-            raise ModelSourceError(
-                f"layer {name} has out_features={module.out_features}, which bitsandbytes' CPU "
-                f"4-bit kernel cannot run (it needs a multiple of {CPU_OUT_FEATURES_MULTIPLE}); "
-                "use --quant none on CPU or serve this model on a GPU"
-            )
+        for side, multiple in (
+            ("out", CPU_OUT_FEATURES_MULTIPLE),
+            ("in", CPU_IN_FEATURES_MULTIPLE),
+        ):
+            size = getattr(module, f"{side}_features")
+            if size % multiple:
+                raise ModelSourceError(
+                    f"layer {name} has {side}_features={size}, which bitsandbytes' CPU 4-bit "
+                    f"kernel cannot run (it needs a multiple of {multiple}); use --quant none on "
+                    "CPU or serve this model on a GPU"
+                )
 
 
 def load_base(config: Config) -> BaseModel:

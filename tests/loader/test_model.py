@@ -66,11 +66,19 @@ def test_unsupported_architecture(tmp_path: Path):
 
 def test_unquantizable_dimension_names_layer(tmp_path: Path, demo_path: Path):
     config = json.loads((demo_path / "config.json").read_text())
-    config.update(hidden_size=96, num_attention_heads=3, num_key_value_heads=1, head_dim=32)
+    config.update(hidden_size=128, num_attention_heads=4, num_key_value_heads=1, head_dim=32)
     config.update(intermediate_size=200, num_hidden_layers=1)  # 200 % 32 != 0
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(
         ModelSourceError, match=r"mlp\.gate_proj has out_features=200.*multiple of 32"
+    ):
+        load_base(Config(model=str(tmp_path), device="cpu"))
+    config.update(
+        intermediate_size=224
+    )  # a multiple of 32, not of the 64-wide blocks down_proj reads
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ModelSourceError, match=r"mlp\.down_proj has in_features=224.*multiple of 64"
     ):
         load_base(Config(model=str(tmp_path), device="cpu"))
 
