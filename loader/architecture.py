@@ -34,6 +34,9 @@ STATEFUL_MODULE = re.compile(
 )
 
 
+STEP_MARKER = object()  # stands for the engine's attn_batch in the probe
+
+
 class UnsupportedArchitecture(ModelSourceError):
     """The base uses a model feature the engine cannot serve exactly."""
 
@@ -130,6 +133,12 @@ def _probe(model: PreTrainedModel) -> list[tuple[nn.Module, torch.Tensor, dict]]
         attention_mask: torch.Tensor | None,
         **kwargs: object,
     ) -> tuple[torch.Tensor, None]:
+        if kwargs.pop("attn_batch", None) is not STEP_MARKER:
+            raise _refuse(
+                model,
+                f"{type(module).__name__} does not pass the forward's keyword arguments on to its "
+                "attention function (the engine sends each step's KV placement that way)",
+            )
         calls.append((module, key, {"value_dim": value.shape[-1], **kwargs}))
         batch, heads, tokens, _ = query.shape  # [B, H, T, D]
         return query.new_zeros(batch, tokens, heads, value.shape[-1]), None
@@ -140,11 +149,19 @@ def _probe(model: PreTrainedModel) -> list[tuple[nn.Module, torch.Tensor, dict]]
     model.set_attn_implementation(PROBE_NAME)
     try:
         with torch.inference_mode():
-            model.model(
+            model(  # called as the engine calls it (server/engine/runner.py)
                 input_ids=torch.tensor([[1, 2]], device=device),
                 position_ids=torch.tensor([[0, 1]], device=device),
                 use_cache=False,
+                logits_to_keep=torch.tensor([1], device=device),
+                attn_batch=STEP_MARKER,
             )
+    except UnsupportedArchitecture:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever breaks here would break every step
+        raise _refuse(
+            model, f"its forward fails when called as the engine calls it ({error!r})"
+        ) from error
     finally:
         model.set_attn_implementation(previous)
     return calls
@@ -183,8 +200,13 @@ def inspect_architecture(model: PreTrainedModel) -> Architecture:
     """The base's attention layers, or UnsupportedArchitecture naming what cannot be served."""
     _check_layer_types(model)
     _check_stateful_modules(model)
-    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
-        raise _refuse(model, "its forward has no logits_to_keep (needed to compute sampled rows)")
+    parameters = inspect.signature(model.forward).parameters
+    for needed, why in (
+        ("position_ids", "each packed token's position"),
+        ("logits_to_keep", "logits of the sampled rows only"),
+    ):
+        if needed not in parameters:
+            raise _refuse(model, f"its forward takes no {needed} (the engine passes {why})")
     layers = sorted((_layer(model, *call) for call in _probe(model)), key=lambda a: a.layer)
     count = model.config.get_text_config().num_hidden_layers
     indices = [a.layer for a in layers]
@@ -192,8 +214,22 @@ def inspect_architecture(model: PreTrainedModel) -> Architecture:
         missing = sorted(set(range(count)) - set(indices))
         raise _refuse(
             model,
-            f"decoder layers {missing} run no softmax attention (the engine keeps KV only for "
-            "attention layers); attention ran in layers "
-            f"{indices}",
+            f"its attention calls (layers {indices}) do not map one to one onto its {count} "
+            f"decoder layers: layers {missing} run no softmax attention (they keep state the engine "
+            "does not hold) or some layer attends twice (cross-attention)",
         )
+    _check_windows(model, layers)
     return Architecture(model.config.model_type, tuple(layers), fused_expert_params(model))
+
+
+def _check_windows(model: PreTrainedModel, layers: list[LayerAttention]) -> None:
+    """Refuse sliding layers (per config.layer_types) whose window reaches attention only through a
+    mask the engine never builds."""
+    layer_types = getattr(model.config, "layer_types", None) or []
+    for attention, kind in zip(layers, layer_types, strict=False):
+        if kind == "sliding_attention" and not attention.sliding_window:
+            raise _refuse(
+                model,
+                f"layer {attention.layer} is a sliding-window layer whose attention receives no "
+                "sliding_window argument (its window lives in a mask the engine does not build)",
+            )
