@@ -139,6 +139,12 @@ def _probe(model: PreTrainedModel) -> list[tuple[nn.Module, torch.Tensor, dict]]
                 f"{type(module).__name__} does not pass the forward's keyword arguments on to its "
                 "attention function (the engine sends each step's KV placement that way)",
             )
+        if attention_mask is not None:  # no causal mask is built for the engine's function
+            raise _refuse(
+                model,
+                f"{type(module).__name__} adds its own attention mask or bias (the engine's paged "
+                "attention applies only causal order, windows, softcaps and sinks)",
+            )
         calls.append((module, key, {"value_dim": value.shape[-1], **kwargs}))
         batch, heads, tokens, _ = query.shape  # [B, H, T, D]
         return query.new_zeros(batch, tokens, heads, value.shape[-1]), None

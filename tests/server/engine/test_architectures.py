@@ -45,7 +45,7 @@ DIMS = dict(
 )
 MIXED = ["sliding_attention", "full_attention"]  # one windowed layer, one global
 MOE = dict(num_experts_per_tok=2, moe_intermediate_size=64)
-# model_type -> config overrides; every family in the list
+# model_type -> config overrides: the families of the README's table, then some refused ones
 FAMILIES: dict[str, dict] = {
     "llama": {},
     "mistral": dict(sliding_window=WINDOW),
@@ -55,7 +55,11 @@ FAMILIES: dict[str, dict] = {
     "qwen2_moe": dict(num_experts=4, shared_expert_intermediate_size=64, **MOE),
     "qwen3": {},
     "qwen3_moe": dict(num_experts=4, **MOE),
-    "qwen3_5_text": {},  # refused: Gated DeltaNet layers
+    "qwen3_5_text": dict(num_hidden_layers=4),  # refused: three Gated DeltaNet layers, one global
+    "falcon_mamba": {},
+    "doge": {},
+    "bloom": {},
+    "bert": {},  # an encoder unless is_decoder
     "gemma2": dict(sliding_window=WINDOW, layer_types=MIXED),  # + logit softcaps
     "gemma3_text": dict(sliding_window=WINDOW, layer_types=MIXED),
     "gemma4_text": dict(sliding_window=WINDOW, layer_types=MIXED, global_head_dim=64),
@@ -86,7 +90,14 @@ FAMILIES: dict[str, dict] = {
         **MOE,
     ),
 }
-REFUSED = {"qwen3_5_text": "linear_attention"}
+# refused families and what the start-up message names
+REFUSED = {
+    "qwen3_5_text": "layers \\[0, 1, 2\\] are of type linear_attention",  # Gated DeltaNet
+    "falcon_mamba": "type linear_attention",  # Mamba
+    "doge": "adds its own attention mask",  # dynamic-mask attention
+    "bloom": "takes no position_ids",  # ALiBi from the padding mask
+    "bert": "bidirectional",
+}
 QUESTIONS = [
     "What is the capital of France, and which river runs through it?",
     "Name three primary colors and one color you get by mixing two of them.",
