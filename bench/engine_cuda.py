@@ -23,7 +23,6 @@ from adapters.format import AdapterWeights, LoraModule, base_linear_shapes
 from bench.engine_cuda_floor import (
     adapter_bytes,
     copy_bandwidth,
-    kv_bytes_per_token,
     step_bytes,
     weight_bytes_per_step,
 )
@@ -169,7 +168,7 @@ def bench_shape(shape: str, args: argparse.Namespace, bandwidth: float) -> dict:
     started = time.perf_counter()
     base = synthetic_base(shape, config, seed=args.seed)
     model, vocab = base.model, base.model.config.vocab_size
-    weights, kv_token = weight_bytes_per_step(model), kv_bytes_per_token(model, torch.bfloat16)
+    weights = weight_bytes_per_step(model)
     shapes = base_linear_shapes(model)
     targets = (
         sorted({p.rsplit(".", 1)[-1] for p in shapes})
@@ -181,6 +180,7 @@ def bench_shape(shape: str, args: argparse.Namespace, bandwidth: float) -> dict:
     peft_n = max((n for _, n in peft_points), default=0)
     peft = build_peft(model, adapters[:peft_n], targets) if peft_n else None
     engine = EngineCore(base, config)
+    kv_token = engine.arch.kv_bytes_per_token(torch.bfloat16)
     for weights_i in adapters:
         engine.add_adapter(weights_i)
     print(f"{shape}: built in {time.perf_counter() - started:.0f} s")

@@ -51,13 +51,6 @@ def adapter_bytes(shapes: dict[str, tuple[int, int]], targets: list[str], rank: 
     return elements * torch.bfloat16.itemsize
 
 
-def kv_bytes_per_token(model: PreTrainedModel, dtype: torch.dtype) -> int:
-    """K and V bytes of one cached token over all layers."""
-    hf = model.config
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-    return 2 * hf.num_hidden_layers * hf.num_key_value_heads * head_dim * dtype.itemsize
-
-
 def step_bytes(
     weights: int, one_adapter: int, distinct: int, kv_token: int, batch: int, context: float
 ) -> StepBytes:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from adapters.format import base_linear_shapes
-from bench.engine_cuda_floor import adapter_bytes, kv_bytes_per_token, weight_bytes_per_step
+from bench.engine_cuda_floor import adapter_bytes, weight_bytes_per_step
+from loader.architecture import inspect_architecture
 from loader.config import Config
 from loader.memory import memory_report
 from loader.synthetic import SHAPES, synthetic_base
@@ -60,7 +61,7 @@ def test_floor_bytes(tiny):
     assert adapter_bytes(shapes, ["down_proj"], 4) == layers * (inter + hidden) * 4 * 2
     head_dim = hidden // shape["num_attention_heads"]
     expected_kv = 2 * layers * shape["num_key_value_heads"] * head_dim * 2
-    assert kv_bytes_per_token(model, torch.bfloat16) == expected_kv
+    assert inspect_architecture(model).kv_bytes_per_token(torch.bfloat16) == expected_kv
 
 
 def test_bench_engine_cuda_needs_a_gpu():
