@@ -36,11 +36,16 @@ UNSUPPORTED_KEYS = (
     (re.compile(r"(modules_to_save|\.weight$|\.bias$)"), "fully trained base weights"),
 )
 Headers = dict[str, dict[str, tuple[str, list[int], str]]]  # module -> side -> (key, shape, dtype)
+EXPERT_CHAIN = ".base_layer"  # PEFT nests one ParamWrapper per target parameter of a module
+
+
+Shapes = dict[str, tuple[int, ...]]  # module path -> (in, out), or (in, out, experts) for experts
 
 
 @dataclass
 class LoraModule:
-    """One adapted linear layer: A [r, in], B [out, r] and the PEFT scaling (alpha / r)."""
+    """One adapted linear layer: A [r, in], B [out, r] and the PEFT scaling (alpha / r); for a fused
+    expert parameter, per expert: A [E, r, in], B [E, out, r]."""
 
     A: torch.Tensor
     B: torch.Tensor
@@ -49,7 +54,16 @@ class LoraModule:
     @property
     def rank(self) -> int:
         """The LoRA rank of this layer."""
-        return self.A.shape[0]
+        return self.A.shape[-2]
+
+
+def expert_lora(A: torch.Tensor, B: torch.Tensor, experts: int, scaling: float) -> LoraModule:
+    """PEFT's target_parameters layout, A [r * E, in] (expert-major rows) and B [out, r * E]
+    (rank-major columns), as a LoraModule of A [E, r, in] and B [E, out, r]."""
+    rank = A.shape[0] // experts
+    per_expert_a = A.reshape(experts, rank, A.shape[1])  # [E, r, in]
+    per_expert_b = B.reshape(B.shape[0], rank, experts).permute(2, 0, 1)  # [E, out, r]
+    return LoraModule(per_expert_a.contiguous(), per_expert_b.contiguous(), scaling)
 
 
 @dataclass
@@ -91,7 +105,7 @@ def weights_file(folder: Path) -> Path:
     raise AdapterError(f"{WEIGHTS_FILE} is missing in {folder}", "missing_adapter_weights")
 
 
-def _module_of(key: str, shapes: dict[str, tuple[int, int]]) -> tuple[str, str]:
+def _module_of(key: str, shapes: Shapes) -> tuple[str, str]:
     """(base module path, "A" or "B") of a PEFT tensor key; keys of non-LoRA parts are refused."""
     short = key.removeprefix(PEFT_PREFIX)
     match = LORA_KEY.fullmatch(short)
@@ -103,6 +117,9 @@ def _module_of(key: str, shapes: dict[str, tuple[int, int]]) -> tuple[str, str]:
                 )
         raise AdapterError(f"unexpected tensor {key!r} in {WEIGHTS_FILE}", "unexpected_tensor")
     module = match.group("module")
+    owner = re.sub(rf"({re.escape(EXPERT_CHAIN)})+$", "", module)
+    if any(path.startswith(f"{owner}.") and len(dims) == 3 for path, dims in shapes.items()):
+        return module, match.group("side")  # a fused-expert parameter, resolved by _expert_param
     if module not in shapes:
         if is_embedding_or_head(module):
             raise AdapterError(
@@ -120,7 +137,7 @@ def _check_module(
     module: str,
     sides: dict[str, tuple[str, list[int], str]],
     config: dict,
-    shapes: dict[str, tuple[int, int]],
+    shapes: Shapes,
     max_rank: int,
 ) -> float:
     """Check one module's A/B headers against the config and the base; returns its scaling."""
@@ -141,8 +158,9 @@ def _check_module(
             f"module {module!r} has rank {rank}, above this server's max_rank {max_rank}",
             "rank_too_large",
         )
-    in_features, out_features = shapes[module]
-    for side, want in (("A", [rank, in_features]), ("B", [out_features, rank])):
+    in_features, out_features, *experts = shapes[module]
+    rows = rank * (experts[0] if experts else 1)  # PEFT stacks the experts' ranks
+    for side, want in (("A", [rows, in_features]), ("B", [out_features, rows])):
         key, shape, dtype = sides[side]
         if shape != want:
             raise AdapterError(
@@ -158,7 +176,7 @@ def _check_module(
     return scaling
 
 
-def _read_headers(handle: Any, shapes: dict[str, tuple[int, int]]) -> Headers:
+def _read_headers(handle: Any, shapes: Shapes) -> Headers:
     """Each module's A/B (key, shape, dtype) from the file header, without reading tensor data."""
     headers: Headers = {}
     for key in handle.keys():
@@ -171,7 +189,33 @@ def _read_headers(handle: Any, shapes: dict[str, tuple[int, int]]) -> Headers:
         headers[module][side] = (key, list(piece.get_shape()), piece.get_dtype())
     if not headers:
         raise AdapterError(f"{WEIGHTS_FILE} holds no LoRA tensors", "empty_adapter")
-    return headers
+    return {
+        (module if module in shapes else _expert_param(module, sides, shapes)): sides
+        for module, sides in headers.items()
+    }
+
+
+def _expert_param(chain: str, sides: dict[str, tuple[str, list[int], str]], shapes: Shapes) -> str:
+    """The fused expert parameter (e.g. ...experts.gate_up_proj) that one of PEFT's nested
+    ParamWrappers (...experts, ...experts.base_layer, ...) adapts, told apart by its in/out sizes."""
+    owner = re.sub(rf"({re.escape(EXPERT_CHAIN)})+$", "", chain)
+    a_in = sides["A"][1][-1] if "A" in sides else None
+    b_out = sides["B"][1][0] if "B" in sides else None
+    fits = [
+        path
+        for path, dims in shapes.items()
+        if path.startswith(f"{owner}.")
+        and len(dims) == 3
+        and a_in in (None, dims[0])
+        and b_out in (None, dims[1])
+    ]
+    if len(fits) != 1:
+        raise AdapterError(
+            f"cannot tell which expert parameter of {owner!r} the tensors of {chain!r} adapt "
+            f"({'none' if not fits else ' and '.join(fits)} fit their shapes)",
+            "unknown_target_module",
+        )
+    return fits[0]
 
 
 def _check_finite(modules: dict[str, LoraModule], headers: Headers) -> None:
@@ -190,16 +234,25 @@ def _check_finite(modules: dict[str, LoraModule], headers: Headers) -> None:
                 )
 
 
-def _header_module(sides: dict[str, tuple[str, list[int], str]], scaling: float) -> LoraModule:
+def _lora_module(
+    A: torch.Tensor, B: torch.Tensor, scaling: float, dims: tuple[int, ...]
+) -> LoraModule:
+    """The LoraModule of a module's A and B as stored (per expert for a fused expert parameter)."""
+    return expert_lora(A, B, dims[2], scaling) if len(dims) == 3 else LoraModule(A, B, scaling)
+
+
+def _header_module(
+    sides: dict[str, tuple[str, list[int], str]], scaling: float, dims: tuple[int, ...]
+) -> LoraModule:
     """One module's A and B as float32 tensors on the meta device: shapes only, no data read."""
     a, b = (torch.empty(sides[side][1], dtype=torch.float32, device="meta") for side in "AB")
-    return LoraModule(a, b, scaling)
+    return _lora_module(a, b, scaling, dims)
 
 
 def read_lora_tensors(
     file: Path,
     config: dict,
-    shapes: dict[str, tuple[int, int]],
+    shapes: Shapes,
     max_rank: int,
     max_bytes: int,
     header_only: bool = False,
@@ -222,11 +275,15 @@ def read_lora_tensors(
                     "adapter_too_large",
                 )
             if header_only:
-                return {m: _header_module(headers[m], scalings[m]) for m in sorted(headers)}
+                return {
+                    m: _header_module(headers[m], scalings[m], shapes[m]) for m in sorted(headers)
+                }
         keys = [key for sides in headers.values() for key, _, _ in sides.values()]
         values, finite = read_float32(file, keys)
         modules = {
-            m: LoraModule(values[headers[m]["A"][0]], values[headers[m]["B"][0]], scalings[m])
+            m: _lora_module(
+                values[headers[m]["A"][0]], values[headers[m]["B"][0]], scalings[m], shapes[m]
+            )
             for m in sorted(headers)
         }
         if not finite:
@@ -240,21 +297,24 @@ def read_lora_tensors(
         ) from error
 
 
-def base_linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of every decoder linear an adapter may target, by module path."""
-    # Imported here: adapters.layer imports this module for LoraModule.
+def base_linear_shapes(model: nn.Module) -> Shapes:
+    """(in_features, out_features) of every decoder linear an adapter may target, by module path,
+    and (in_features, out_features, experts) of every fused expert parameter (PEFT's path for it)."""
+    # Imported here: adapters.layer and adapters.experts import this module for LoraModule.
+    from adapters.experts import expert_param_dims
     from adapters.layer import decoder_linear_names
 
-    return {
+    linears = {
         name: (model.get_submodule(name).in_features, model.get_submodule(name).out_features)
         for name in decoder_linear_names(model)
     }
+    return {**linears, **expert_param_dims(model)}
 
 
 def read_adapter(
     path: str | Path,
     name: str,
-    shapes: dict[str, tuple[int, int]],
+    shapes: Shapes,
     max_rank: int,
     max_bytes: int,
     base_fingerprint: dict | None = None,

@@ -92,6 +92,11 @@ class MultiLoraLinear(nn.Module):
         """The rank capacity of each slot."""
         return self.lora_A.shape[1]
 
+    @property
+    def capacity_bytes(self) -> int:
+        """Bytes preallocated for the A and B stacks of all slots."""
+        return sum(t.numel() * t.element_size() for t in (self.lora_A, self.lora_Bt))
+
     def set_slot(self, slot: int, module: LoraModule | None) -> None:
         """Write an adapter's A and scaled B into a slot (None clears the slot).
 

@@ -26,11 +26,6 @@ REFUSED_OPTIONS = {
     "use_qalora": "QALoRA (use_qalora) is not supported",
     "layer_replication": "layer_replication (a re-stacked base) is not supported",
     "trainable_token_indices": "trained token rows (trainable_token_indices) are not supported",
-    "target_parameters": (
-        "LoRA on raw parameters (target_parameters, e.g. the fused MoE expert weights) is not "
-        "supported: loraplex serves LoRA on attention and dense linear layers (target_modules), "
-        "MoE routers and shared experts included, not on the experts themselves"
-    ),
     "megatron_config": "Megatron parallel LoRA layers (megatron_config) are not supported",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported",
     "velora_config": "VeLoRA (velora_config) is not supported",
@@ -164,8 +159,17 @@ def _is_layer(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def check_targets(config: dict, shapes: dict[str, tuple[int, int]]) -> None:
-    """Refuse target_modules that name something the base's decoder linear layers do not have."""
+def check_targets(config: dict, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse target_modules that name something the base's decoder linear layers do not have, and
+    target_parameters that name no fused expert parameter of the base."""
+    experts = sorted(path for path, dims in shapes.items() if len(dims) == 3)
+    for target in config.get("target_parameters") or []:
+        if not any(path == target or path.endswith(f".{target}") for path in experts):
+            have = sorted({p.split(".", 3)[-1] for p in experts}) or ["none"]
+            raise _unsupported(
+                f"target_parameters entry {target!r} is not a fused MoE expert weight of the base "
+                f"(LoRA on raw parameters is served for those only; the base has: {', '.join(have)})"
+            )
     targets = config["target_modules"]
     if targets == "all-linear":
         return

@@ -1,4 +1,5 @@
-"""Device slots for adapters: which adapter version sits in which slot of every multi-LoRA layer.
+"""Device slots for adapters: which adapter version sits in which slot of every multi-LoRA layer
+(wrapped linears and fused-expert parameters alike).
 
 A slot holds one adapter version, keyed (name, version). Slots are reused least-recently-used first
 and a slot pinned by a sequence is never evicted. When a version stops being current (the adapter
@@ -13,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from adapters.errors import AdapterError
+from adapters.experts import ExpertLoraStack
 from adapters.format import AdapterWeights
 from adapters.layer import MultiLoraLinear
 
@@ -22,7 +24,9 @@ SlotKey = tuple[str, int]  # (adapter name, registry version)
 class SlotTable:
     """Maps adapter versions to device slots over a set of wrapped layers."""
 
-    def __init__(self, layers: dict[str, MultiLoraLinear], num_slots: int) -> None:
+    def __init__(
+        self, layers: dict[str, MultiLoraLinear | ExpertLoraStack], num_slots: int
+    ) -> None:
         self.layers = layers
         self.num_slots = num_slots
         self.resident: OrderedDict[SlotKey, int] = OrderedDict()  # current versions, LRU first
@@ -40,12 +44,8 @@ class SlotTable:
 
     @property
     def capacity_bytes(self) -> int:
-        """Bytes preallocated for all slots of all layers (A and B stacks)."""
-        return sum(
-            layer.lora_A.numel() * layer.lora_A.element_size()
-            + layer.lora_B.numel() * layer.lora_B.element_size()
-            for layer in self.layers.values()
-        )
+        """Bytes allocated for all slots of all layers (A and B stacks)."""
+        return sum(layer.capacity_bytes for layer in self.layers.values())
 
     @property
     def used_bytes(self) -> int:

@@ -60,22 +60,31 @@ def make_adapters(
     seed: int = 0,
     targets: list[str] = ALL_LINEAR,
     strength: float = STRENGTH,
+    parameters: list[str] | None = None,
 ) -> list[Path]:
     """Folders of `count` seeded random PEFT LoRA adapters (bf16), created once and reused.
 
-    The cache key is (rank, seed, strength, count index): a folder already holding adapter i is not
-    rewritten. targets defaults to every linear layer of a Llama block.
+    The cache key is (rank, seed, strength, targets, parameters, count index): a folder already
+    holding adapter i is not rewritten. targets defaults to every linear layer of a Llama block;
+    parameters are PEFT target_parameters (fused MoE expert weights).
     """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    root = folder / f"r{rank}-s{seed}-x{strength:g}-{'.'.join(sorted(targets))}"
+    named = sorted(targets) + [p.rpartition(".")[2] for p in sorted(parameters or [])]
+    root = folder / f"r{rank}-s{seed}-x{strength:g}-{'.'.join(named)}"
     paths = [root / adapter_name(i) for i in range(count)]
     missing = [i for i, p in enumerate(paths) if not (p / READY_MARKER).exists()]
     if not missing:
         return paths
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=targets,
+        target_parameters=parameters,
+        lora_dropout=0.0,
+    )
     peft_model = get_peft_model(model, config)
     for name, param in peft_model.named_parameters():
         if "lora_" in name:
@@ -85,6 +94,7 @@ def make_adapters(
         randomize_lora(peft_model, generator, rank, strength)
         peft_model.save_pretrained(paths[i], safe_serialization=True)
     meta = {"rank": rank, "seed": seed, "count": count, "strength": strength, "targets": targets}
+    meta["parameters"] = parameters or []
     (root / "bench.json").write_text(json.dumps(meta))
     return paths
 

@@ -163,10 +163,11 @@ class PeftOracle:
     forced = staticmethod(peft_forced)
     greedy = staticmethod(peft_greedy)
 
-    def tolerance(self, model, ids: list[int], adapter: str | None, tokens: list[int]) -> float:
+    def tolerance(
+        self, model, ids: list[int], adapter: str | None, tokens: list[int], floor: float
+    ) -> float:
         """How far PEFT's stepwise and forced computations of these tokens disagree on what check
-        compares (the tokens' logits and logprobs, and the forced argmax's logit), at least
-        NOISE_FLOOR."""
+        compares (the tokens' logits and logprobs, and the forced argmax's logit), at least floor."""
         import torch
 
         forced = peft_forced(model, ids, adapter, tokens)  # [T, vocab]
@@ -179,9 +180,9 @@ class PeftOracle:
             torch.log_softmax(forced, -1)[rows, chosen]
             - torch.log_softmax(stepwise, -1)[rows, chosen],
         ]
-        return max(float(torch.cat(gaps).abs().max()), NOISE_FLOOR)
+        return max(float(torch.cat(gaps).abs().max()), floor)
 
-    def check(self, model, tokenizer, runs) -> list[tuple]:
+    def check(self, model, tokenizer, runs, floor: float = NOISE_FLOOR) -> list[tuple]:
         """Check (request id, prompt ids, adapter, engine tokens, engine logprobs or None) runs;
         returns the near-tie flips as (request id, adapter, position, PEFT's preference in nats)."""
         import torch
@@ -189,7 +190,7 @@ class PeftOracle:
         flips, compared = [], 0
         for rid, ids, adapter, got, logprobs in runs:
             assert got, f"{rid} generated nothing"
-            tolerance = self.tolerance(model, ids, adapter, got)
+            tolerance = self.tolerance(model, ids, adapter, got, floor)
             logits = peft_forced(model, ids, adapter, got)  # [len(got), vocab]
             rows, chosen = torch.arange(len(got)), torch.tensor(got)
             behind = logits.max(-1).values - logits[rows, chosen]  # [len(got)], 0 where PEFT agrees

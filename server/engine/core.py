@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from adapters.experts import attach_multi_lora_experts
 from adapters.format import AdapterWeights, base_linear_shapes, read_adapter
 from adapters.layer import StepRouting, attach_multi_lora
 from adapters.registry import AdapterRegistry
@@ -49,7 +50,11 @@ class EngineCore:
         self.layers = attach_multi_lora(
             model, self.routing, config.max_lora_rank, config.torch_lora_dtype
         )
-        self.slots = SlotTable(self.layers, config.max_loras)
+        # fused MoE experts: LoRA on their 3-D weights (PEFT target_parameters) shares the slots
+        experts = attach_multi_lora_experts(
+            model, self.routing, config.max_lora_rank, config.torch_lora_dtype
+        )
+        self.slots = SlotTable({**self.layers, **experts}, config.max_loras)
         self.shapes = base_linear_shapes(model)
         self.fingerprint = base_fingerprint(base)  # compared with trainer manifests
         self.registry = AdapterRegistry(self.read_adapter, config.max_cpu_loras)
@@ -65,7 +70,9 @@ class EngineCore:
         context = config.max_model_len or hf.max_position_embeddings
         self.max_model_len = min(context, self.kv.num_blocks * config.block_size)
         graphs = None
-        if config.cuda_graphs and device.startswith("cuda") and lora_op == "triton":
+        if experts and config.cuda_graphs and device.startswith("cuda"):
+            log.info("CUDA graphs off: MoE experts route tokens data-dependently (eager steps)")
+        elif config.cuda_graphs and device.startswith("cuda") and lora_op == "triton":
             graphs = DecodeGraphs(
                 model, self.kv, self.routing, config.max_num_seqs, self.max_model_len
             )
