@@ -88,6 +88,11 @@ class MultiLoraLinear(nn.Module):
         return self.lora_Bt.transpose(1, 2)
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (models that read a linear's weight dtype or device find it)."""
+        return self.base.weight
+
+    @property
     def max_rank(self) -> int:
         """The rank capacity of each slot."""
         return self.lora_A.shape[1]

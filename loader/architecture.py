@@ -10,6 +10,7 @@ attention, and any attention argument the paged attention does not implement.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 from dataclasses import dataclass
@@ -17,10 +18,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from loader.errors import ModelSourceError
 
 PROBE_NAME = "loraplex_probe"
+MASK_PROBE_NAME = "loraplex_mask_probe"
 # attention arguments the paged attention implements (the values are honoured per layer)
 HANDLED_ARGUMENTS = ("sliding_window", "softcap", "s_aux")
 # arguments transformers forwards to every attention function that do not change the maths
@@ -121,8 +124,34 @@ def fused_expert_params(model: nn.Module) -> tuple[str, ...]:
     )
 
 
+def _run(model: PreTrainedModel, name: str, tokens: int) -> None:
+    """One forward of `tokens` tokens with attention implementation `name`, called as the engine
+    calls the model (server/engine/runner.py); failures become refusals."""
+    previous = model.config._attn_implementation
+    device = next(model.parameters()).device
+    model.set_attn_implementation(name)
+    try:
+        with torch.inference_mode():
+            model(
+                input_ids=torch.arange(1, tokens + 1, device=device)[None],
+                position_ids=torch.arange(tokens, device=device)[None],
+                use_cache=False,
+                logits_to_keep=torch.tensor([tokens - 1], device=device),
+                attn_batch=STEP_MARKER,
+            )
+    except UnsupportedArchitecture:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever breaks here would break every step
+        raise _refuse(
+            model, f"its forward fails when called as the engine calls it ({error!r})"
+        ) from error
+    finally:
+        model.set_attn_implementation(previous)
+
+
 def _probe(model: PreTrainedModel) -> list[tuple[nn.Module, torch.Tensor, dict]]:
-    """(module, key, arguments) of every attention call in a two-token forward of the body."""
+    """(module, key, arguments) of every attention call in a two-token forward, run as the engine
+    runs it: no mask is built for its attention function."""
     calls: list[tuple[nn.Module, torch.Tensor, dict]] = []
 
     def record(
@@ -150,27 +179,70 @@ def _probe(model: PreTrainedModel) -> list[tuple[nn.Module, torch.Tensor, dict]]
         return query.new_zeros(batch, tokens, heads, value.shape[-1]), None
 
     AttentionInterface.register(PROBE_NAME, record)
-    previous = model.config._attn_implementation
-    device = next(model.parameters()).device
-    model.set_attn_implementation(PROBE_NAME)
-    try:
-        with torch.inference_mode():
-            model(  # called as the engine calls it (server/engine/runner.py)
-                input_ids=torch.tensor([[1, 2]], device=device),
-                position_ids=torch.tensor([[0, 1]], device=device),
-                use_cache=False,
-                logits_to_keep=torch.tensor([1], device=device),
-                attn_batch=STEP_MARKER,
-            )
-    except UnsupportedArchitecture:
-        raise
-    except Exception as error:  # noqa: BLE001 - whatever breaks here would break every step
-        raise _refuse(
-            model, f"its forward fails when called as the engine calls it ({error!r})"
-        ) from error
-    finally:
-        model.set_attn_implementation(previous)
+    _run(model, PROBE_NAME, 2)
     return calls
+
+
+def _masks(model: PreTrainedModel) -> dict[int, torch.Tensor]:
+    """Per layer, the boolean mask [4, 4] (query, key) transformers builds for a 4-token forward with
+    the config's sliding window shrunk to 2: what eager attention really applies."""
+    masks: dict[int, torch.Tensor] = {}
+
+    def record(
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **kwargs: object,
+    ) -> tuple[torch.Tensor, None]:
+        causal = torch.ones(4, 4, dtype=torch.bool, device=query.device).tril()
+        mask = causal if attention_mask is None else attention_mask[0, 0].bool()  # [q, kv]
+        masks[module.layer_idx] = mask.cpu()
+        batch, heads, tokens, _ = query.shape  # [B, H, T, D]
+        return query.new_zeros(batch, tokens, heads, value.shape[-1]), None
+
+    def dense_mask(*args: object, **kwargs: object) -> torch.Tensor | None:
+        return sdpa_mask(*args, **{**kwargs, "allow_is_causal_skip": False})
+
+    AttentionInterface.register(MASK_PROBE_NAME, record)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(MASK_PROBE_NAME, dense_mask)
+    text = model.config.get_text_config()
+    window = getattr(text, "sliding_window", None)
+    if window:
+        text.sliding_window = 2
+    try:
+        _run(model, MASK_PROBE_NAME, 4)
+    finally:
+        if window:
+            text.sliding_window = window
+    return masks
+
+
+def _reconcile(
+    model: PreTrainedModel, layers: list[LayerAttention], masks: dict[int, torch.Tensor]
+) -> list[LayerAttention]:
+    """Layers as eager attention computes them: a sliding_window argument whose mask is plain causal
+    is dropped (eager and SDPA ignore the argument), a window in the mask alone is refused."""
+    causal = torch.ones(4, 4, dtype=torch.bool).tril()
+    served = []
+    for attention in layers:
+        mask = masks.get(attention.layer, causal)
+        if bool((mask & ~causal).any()):
+            raise _refuse(
+                model, f"layer {attention.layer} attends to later tokens (non-causal mask)"
+            )
+        windowed = not bool(mask[3, 0])  # with a window of 2, the 4th token does not see the 1st
+        if windowed and not attention.sliding_window:
+            raise _refuse(
+                model,
+                f"layer {attention.layer} restricts attention through a mask alone (a sliding "
+                "window or chunks) that its attention function receives no argument for",
+            )
+        if attention.sliding_window and not windowed:
+            attention = dataclasses.replace(attention, sliding_window=None)
+        served.append(attention)
+    return served
 
 
 def _layer(
@@ -225,6 +297,7 @@ def inspect_architecture(model: PreTrainedModel) -> Architecture:
             "does not hold) or some layer attends twice (cross-attention)",
         )
     _check_windows(model, layers)
+    layers = _reconcile(model, layers, _masks(model))
     return Architecture(model.config.model_type, tuple(layers), fused_expert_params(model))
 
 

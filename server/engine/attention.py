@@ -2,9 +2,10 @@
 
 The runner packs all of a step's tokens into one row (input_ids [1, T]); this function writes their K/V
 into the layer's pool, then attends: one batched call for all decode tokens, one per prefill chunk.
-It honours every attention argument that loader/architecture.py lets through: the layer's scaling,
-sliding window (a token sees itself and the window - 1 positions before it), attention-logit
-softcapping and attention sinks (a per-head logit that takes softmax mass and adds no value).
+It computes each layer as loader/architecture.py found eager attention computes it (the layer's
+LayerAttention, kept by the KV pool): scaling, sliding window (a token sees itself and the window - 1
+positions before it), attention-logit softcapping and attention sinks (a per-head logit that takes
+softmax mass and adds no value; its values arrive as the s_aux argument).
 """
 
 from __future__ import annotations
@@ -127,8 +128,6 @@ def paged_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     attn_batch: AttnBatch | None = None,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
     s_aux: torch.Tensor | None = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
@@ -136,6 +135,9 @@ def paged_attention(
     if attn_batch is None:
         raise RuntimeError("paged attention needs the engine's attn_batch (run through the engine)")
     layer = module.layer_idx
+    spec = attn_batch.kv.layers[layer]
+    sliding_window, softcap = spec.sliding_window, spec.softcap
+    s_aux = s_aux if spec.sinks else None
     k_pool, v_pool = attn_batch.kv.k[layer], attn_batch.kv.v[layer]  # [N, Hkv, Dk], [N, Hkv, Dv]
     k_pool.index_copy_(0, attn_batch.slot_mapping, key[0].transpose(0, 1))
     v_pool.index_copy_(0, attn_batch.slot_mapping, value[0].transpose(0, 1))

@@ -31,6 +31,7 @@ class KVCache:
         def pool(heads: int, dim: int) -> torch.Tensor:
             return torch.zeros(rows, heads, dim, dtype=dtype, device=device)
 
+        self.layers = tuple(layers)  # what each layer's attention computes (windows, softcaps)
         self.k = [pool(a.kv_heads, a.k_dim) for a in layers]
         self.v = [pool(a.kv_heads, a.v_dim) for a in layers]
         self.free: list[int] = list(range(self.num_blocks - 1, -1, -1))

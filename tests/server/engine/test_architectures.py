@@ -57,6 +57,10 @@ FAMILIES: dict[str, dict] = {
     "qwen2_moe": dict(num_experts=4, shared_expert_intermediate_size=64, **MOE),
     "qwen3": {},
     "qwen3_moe": dict(num_experts=4, **MOE),
+    # beyond the list: OLMoE passes sliding_window to attention but masks plain causal, so
+    # eager attention (the reference) has no window; PhiMoE windows through the mask alone
+    "olmoe": dict(sliding_window=WINDOW, num_experts=4, num_experts_per_tok=2),
+    "phimoe": dict(sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2),
     "qwen3_5_text": dict(num_hidden_layers=4),  # refused: three Gated DeltaNet layers, one global
     "falcon_mamba": {},
     "doge": {},
@@ -99,6 +103,7 @@ REFUSED = {
     "doge": "adds its own attention mask",  # dynamic-mask attention
     "bloom": "takes no position_ids",  # ALiBi from the padding mask
     "bert": "bidirectional",
+    "phimoe": "restricts attention through a mask alone",
 }
 QUESTIONS = [
     "What is the capital of France, and which river runs through it?",
