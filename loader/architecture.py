@@ -1,11 +1,13 @@
 """What the engine must know of a base's architecture, read from the model itself at load time.
 
-A two-token probe forward runs with an attention function that records, for every attention call,
+A two-token probe forward, called as the engine calls the model, records for every attention call
 the layer, the K/V shapes and the arguments transformers passes (sliding window, logit softcap,
-attention sinks, scaling). The engine sizes its KV pool per layer from it, and the paged attention
-honours those arguments. What the engine cannot compute exactly is refused here, before serving:
-layers that are not softmax attention (they keep recurrent or convolution state), non-causal
-attention, and any attention argument the paged attention does not implement.
+attention sinks, scaling); a second one reads the masks transformers builds for eager attention, so
+that each layer is described as eager attention computes it. The engine sizes its KV pool per layer
+from the result and its paged attention computes each layer from it. What the engine cannot compute
+exactly is refused here, before serving: layers that are not softmax attention (they keep recurrent
+or convolution state), non-causal attention, masks or biases of the model's own, and any attention
+argument the paged attention does not implement.
 """
 
 from __future__ import annotations
@@ -66,11 +68,10 @@ class LayerAttention:
 
 @dataclass(frozen=True)
 class Architecture:
-    """The attention layers of a base (index = the layer's KV pool) and its 16-bit leftovers."""
+    """The attention layers of a base (index = the layer's KV pool)."""
 
     model_type: str
     layers: tuple[LayerAttention, ...]
-    fused_expert_params: tuple[str, ...]  # 3-D expert weights: never 4-bit, never LoRA-targeted
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         """K and V bytes of one cached token over all layers."""
@@ -113,15 +114,6 @@ def _check_stateful_modules(model: PreTrainedModel) -> None:
                 f"{name} is a {type(module).__name__}, a layer with recurrent or convolution state "
                 "that the engine does not keep per sequence",
             )
-
-
-def fused_expert_params(model: nn.Module) -> tuple[str, ...]:
-    """Names of the 3-D (per-expert) weight parameters inside the decoder layers."""
-    return tuple(
-        name
-        for name, param in model.named_parameters()
-        if param.dim() == 3 and ".layers." in f".{name}"
-    )
 
 
 def _run(model: PreTrainedModel, name: str, tokens: int) -> None:
@@ -298,7 +290,7 @@ def inspect_architecture(model: PreTrainedModel) -> Architecture:
         )
     _check_windows(model, layers)
     layers = _reconcile(model, layers, _masks(model))
-    return Architecture(model.config.model_type, tuple(layers), fused_expert_params(model))
+    return Architecture(model.config.model_type, tuple(layers))
 
 
 def _check_windows(model: PreTrainedModel, layers: list[LayerAttention]) -> None:

@@ -8,8 +8,6 @@ import bitsandbytes as bnb
 import torch
 from torch import nn
 
-from loader.architecture import fused_expert_params
-
 BF16_BYTES = 2
 
 
@@ -60,6 +58,16 @@ def _quant_state_bytes(state: object) -> int:
         elif type(value).__name__ == "QuantState":
             total += _quant_state_bytes(value)
     return total
+
+
+def fused_expert_params(model: nn.Module) -> tuple[str, ...]:
+    """Names of the 3-D (per-expert) weight parameters inside the decoder layers (bitsandbytes
+    quantizes only nn.Linear, so these stay 16-bit)."""
+    return tuple(
+        name
+        for name, param in model.named_parameters()
+        if param.dim() == 3 and ".layers." in f".{name}"
+    )
 
 
 def memory_report(model: nn.Module) -> MemoryReport:
