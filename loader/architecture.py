@@ -288,19 +288,5 @@ def inspect_architecture(model: PreTrainedModel) -> Architecture:
             f"decoder layers: layers {missing} run no softmax attention (they keep state the engine "
             "does not hold) or some layer attends twice (cross-attention)",
         )
-    _check_windows(model, layers)
     layers = _reconcile(model, layers, _masks(model))
     return Architecture(model.config.model_type, tuple(layers))
-
-
-def _check_windows(model: PreTrainedModel, layers: list[LayerAttention]) -> None:
-    """Refuse sliding layers (per config.layer_types) whose window reaches attention only through a
-    mask the engine never builds."""
-    layer_types = getattr(model.config, "layer_types", None) or []
-    for attention, kind in zip(layers, layer_types, strict=False):
-        if kind == "sliding_attention" and not attention.sliding_window:
-            raise _refuse(
-                model,
-                f"layer {attention.layer} is a sliding-window layer whose attention receives no "
-                "sliding_window argument (its window lives in a mask the engine does not build)",
-            )
