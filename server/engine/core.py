@@ -68,7 +68,7 @@ class EngineCore:
         )
         self.scheduler = Scheduler(config, self.kv, self.slots, self.registry)
         context = config.max_model_len or hf.max_position_embeddings
-        self.max_model_len = min(context, self.kv.num_blocks * config.block_size)
+        self.max_model_len = min(context, self.kv.longest_sequence(config.max_batch_tokens))
         graphs = None
         if experts and config.cuda_graphs and device.startswith("cuda"):
             log.info("CUDA graphs off: MoE experts route tokens data-dependently (eager steps)")
@@ -174,6 +174,7 @@ class EngineCore:
             return outputs
         for seq, n in batch.items:
             seq.num_computed += n
+            self.kv.trim(seq)
         finite = torch.isfinite(logits).all(-1).tolist() if seqs else []
         healthy = [s for s, ok in zip(seqs, finite, strict=True) if ok]
         outputs += [

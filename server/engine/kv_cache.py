@@ -9,6 +9,8 @@ import torch
 from loader.architecture import LayerAttention
 from server.engine.sequence import Sequence
 
+DROPPED = -1  # a block-table entry freed because no layer's window reaches it any more
+
 
 class KVCache:
     """K/V storage for every attention layer, K as [num_blocks * block_size + 1, kv_heads, k_dim] and
@@ -32,6 +34,9 @@ class KVCache:
             return torch.zeros(rows, heads, dim, dtype=dtype, device=device)
 
         self.layers = tuple(layers)  # what each layer's attention computes (windows, softcaps)
+        # when every layer slides: positions this far behind a sequence's next token are never read
+        windows = [a.sliding_window or 0 for a in layers]
+        self.horizon = max(windows) if windows and min(windows) > 0 else None
         self.k = [pool(a.kv_heads, a.k_dim) for a in layers]
         self.v = [pool(a.kv_heads, a.v_dim) for a in layers]
         self.free: list[int] = list(range(self.num_blocks - 1, -1, -1))
@@ -57,11 +62,35 @@ class KVCache:
 
     def release(self, seq: Sequence) -> None:
         """Return all of seq's blocks to the pool."""
-        self.free.extend(reversed(seq.blocks))
+        self.free.extend(b for b in reversed(seq.blocks) if b != DROPPED)
         seq.blocks = []
 
+    def longest_sequence(self, chunk: int) -> int | float:
+        """The most tokens one sequence can hold: the pool, or no limit when every layer slides
+        and the pool holds a window plus a prefill chunk of `chunk` tokens."""
+        pool = self.num_blocks * self.block_size
+        if (
+            self.horizon is None
+            or -(-(self.horizon + chunk) // self.block_size) + 1 > self.num_blocks
+        ):
+            return pool
+        return float("inf")
+
+    def trim(self, seq: Sequence) -> None:
+        """Free seq's leading blocks that lie wholly outside every layer's window of its next token
+        (models whose layers all slide); their table entries become DROPPED."""
+        if self.horizon is None:
+            return
+        dead = (seq.num_computed - self.horizon + 1) // self.block_size  # blocks before the window
+        for i in range(min(dead, len(seq.blocks))):
+            if seq.blocks[i] != DROPPED:
+                self.free.append(seq.blocks[i])
+                seq.blocks[i] = DROPPED
+
     def indices(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
-        """Flat pool rows of seq's token positions [start, end).  -> [end - start] int64"""
+        """Flat pool rows of seq's token positions [start, end); positions in dropped blocks read
+        the scratch row (every layer's window masks them out).  -> [end - start] int64"""
         pos = torch.arange(start, end)
-        table = torch.tensor(seq.blocks, dtype=torch.int64)
-        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+        block = torch.tensor(seq.blocks, dtype=torch.int64)[pos // self.block_size]
+        rows = block * self.block_size + pos % self.block_size
+        return torch.where(block == DROPPED, self.scratch_row, rows)
