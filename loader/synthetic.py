@@ -1,4 +1,5 @@
-"""Llama-shaped bases with random weights, quantized in place: GPU benchmarks without a download.
+"""Bases with random weights: Llama-shaped ones quantized in place (GPU benchmarks without a
+download) and tiny checkpoints of any family (architecture tests and benchmarks).
 
 The weights mean nothing, but every layer has its real shape, dtype and 4-bit layout, so a decode
 step reads and computes exactly what it would on the real checkpoint.
@@ -9,13 +10,21 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import bitsandbytes as bnb
 import torch
 from tokenizers import Tokenizer, models
 from torch import nn
 from tqdm import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 from loader.config import Config
 from loader.model import BaseModel
@@ -119,3 +128,21 @@ def synthetic_base(
         path=folder,
         config=config.replace(model=shape, served_model_name=shape),
     )
+
+
+def random_checkpoint(
+    model_type: str, folder: Path, tokenizer: PreTrainedTokenizerBase, seed: int = 0, **config: Any
+) -> Path:
+    """A seeded random float32 checkpoint of any transformers family (config overrides given),
+    saved to folder with tokenizer: architectures without a download. Attention sinks, which
+    start at zero, are drawn too."""
+    torch.manual_seed(seed)
+    hf = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **config)
+    model = AutoModelForCausalLM.from_config(hf)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("sinks"):
+                param.normal_(0, 1)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from adapters.errors import AdapterError
 from adapters.experts import expert_param_dims
@@ -27,6 +27,7 @@ from loader.architecture import UnsupportedArchitecture
 from loader.config import Config
 from loader.memory import memory_report
 from loader.model import load_base
+from loader.synthetic import random_checkpoint
 from server.engine.core import EngineCore
 from server.engine.types import SamplingParams
 
@@ -120,24 +121,6 @@ QUESTIONS = [
 ]
 
 
-def tiny_config(family: str, vocab_size: int) -> PretrainedConfig:
-    """A tiny config of the family: dims multiples of 32 (bitsandbytes' CPU kernel)."""
-    return AutoConfig.for_model(family, vocab_size=vocab_size, **{**DIMS, **FAMILIES[family]})
-
-
-def build_checkpoint(family: str, folder: Path, tokenizer) -> Path:
-    """A seeded random float32 checkpoint of the family with the demo tokenizer, saved to folder."""
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer)))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("sinks"):  # attention sinks start at zero: make them matter
-                param.normal_(0, 1)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def adapter_targets(folder: Path) -> dict[str, tuple[list[str], list[str]]]:
     """Two target sets, (target_modules, target_parameters): every decoder linear plus every fused
     MoE expert weight, and the attention projections only."""
@@ -158,7 +141,8 @@ def checkpoints(tmp_path_factory, demo_tokenizer) -> dict[str, tuple[Path, dict[
     def get(family: str) -> tuple[Path, dict[str, Path]]:
         if family not in cache:
             root = tmp_path_factory.mktemp(family)
-            path = build_checkpoint(family, root / "base", demo_tokenizer)
+            config = {**DIMS, **FAMILIES[family]}
+            path = random_checkpoint(family, root / "base", demo_tokenizer, **config)
             adapters = {}
             if family not in REFUSED:
                 targets = adapter_targets(path)
