@@ -141,6 +141,12 @@ def _run(model: PreTrainedModel, name: str, tokens: int) -> None:
         model.set_attn_implementation(previous)
 
 
+def _no_output(query: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """A probe's attention result: zeros of the shape attention returns.  -> [B, T, H, Dv]"""
+    batch, heads, tokens, _ = query.shape  # [B, H, T, D]
+    return query.new_zeros(batch, tokens, heads, value.shape[-1]), None
+
+
 def _probe(model: PreTrainedModel) -> list[tuple[nn.Module, torch.Tensor, dict]]:
     """(module, key, arguments) of every attention call in a two-token forward, run as the engine
     runs it: no mask is built for its attention function."""
@@ -167,8 +173,7 @@ def _probe(model: PreTrainedModel) -> list[tuple[nn.Module, torch.Tensor, dict]]
                 "attention applies only causal order, windows, softcaps and sinks)",
             )
         calls.append((module, key, {"value_dim": value.shape[-1], **kwargs}))
-        batch, heads, tokens, _ = query.shape  # [B, H, T, D]
-        return query.new_zeros(batch, tokens, heads, value.shape[-1]), None
+        return _no_output(query, value)
 
     AttentionInterface.register(PROBE_NAME, record)
     _run(model, PROBE_NAME, 2)
@@ -191,8 +196,7 @@ def _masks(model: PreTrainedModel) -> dict[int, torch.Tensor]:
         causal = torch.ones(4, 4, dtype=torch.bool, device=query.device).tril()
         mask = causal if attention_mask is None else attention_mask[0, 0].bool()  # [q, kv]
         masks[module.layer_idx] = mask.cpu()
-        batch, heads, tokens, _ = query.shape  # [B, H, T, D]
-        return query.new_zeros(batch, tokens, heads, value.shape[-1]), None
+        return _no_output(query, value)
 
     def dense_mask(*args: object, **kwargs: object) -> torch.Tensor | None:
         return sdpa_mask(*args, **{**kwargs, "allow_is_causal_skip": False})
