@@ -10,6 +10,10 @@ BENCHES = {
     "engine": ("bench.engine", "engine throughput: K adapters vs no adapters vs PEFT"),
     "adapters": ("bench.adapters", "cold-load latency and throughput under a load storm"),
     "train": ("bench.train", "loraplex train vs PEFT + transformers Trainer"),
+    "architectures": (
+        "bench.architectures",
+        "every causal-LM family of transformers: exact, refused or not built, never wrong",
+    ),
     "windows": (
         "bench.windows",
         "KV memory of a sliding-window base, blocks behind the window freed",
