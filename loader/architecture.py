@@ -172,7 +172,9 @@ def _probe(model: PreTrainedModel) -> list[tuple[nn.Module, torch.Tensor, dict]]
                 f"{type(module).__name__} adds its own attention mask or bias (the engine's paged "
                 "attention applies only causal order, windows, softcaps and sinks)",
             )
-        calls.append((module, key, {"value_dim": value.shape[-1], **kwargs}))
+        calls.append(
+            (module, key, {"value_dim": value.shape[-1], "heads": query.shape[1], **kwargs})
+        )
         return _no_output(query, value)
 
     AttentionInterface.register(PROBE_NAME, record)
@@ -250,7 +252,13 @@ def _layer(
         raise _refuse(model, f"attention module {type(module).__name__} has no layer_idx")
     if getattr(module, "is_causal", True) is False:
         raise _refuse(model, f"layer {layer} runs bidirectional (non-causal) attention")
-    known = {"value_dim", "scaling", "dropout", *HANDLED_ARGUMENTS, *PASSTHROUGH_ARGUMENTS}
+    if args["heads"] % key.shape[1]:
+        raise _refuse(
+            model,
+            f"layer {layer} has {args['heads']} query heads over {key.shape[1]} KV heads (grouped "
+            "attention needs a whole number of query heads per KV head)",
+        )
+    known = {"value_dim", "heads", "scaling", "dropout", *HANDLED_ARGUMENTS, *PASSTHROUGH_ARGUMENTS}
     unknown = {k: v for k, v in args.items() if k not in known and v is not None}
     if unknown:
         raise _refuse(
