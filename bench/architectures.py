@@ -24,19 +24,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-DIMS = dict(
-    hidden_size=64,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    head_dim=32,
-    max_position_embeddings=256,
-    initializer_range=0.1,
-    pad_token_id=None,
-    vocab_size=512,
-    sliding_window=8,
-)
+from loader.synthetic import TINY
+
+DIMS = {**TINY, "num_key_value_heads": 2, "vocab_size": 512, "sliding_window": 8}  # 2 KV heads: MLA
 TOLERANCE = 1e-3
 CHILD_SECONDS = 120
 CHILD_BYTES = 8 << 30

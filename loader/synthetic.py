@@ -130,6 +130,21 @@ def synthetic_base(
     )
 
 
+# tiny random checkpoints: dims multiples of 32 (bitsandbytes' CPU kernel), weights wide enough
+# (initializer_range) that next-token distributions are peaked, so float32 has no near-ties
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+    max_position_embeddings=256,
+    initializer_range=0.1,
+    pad_token_id=None,  # some families default to ids past a small vocabulary
+)
+
+
 def random_checkpoint(
     model_type: str, folder: Path, tokenizer: PreTrainedTokenizerBase, seed: int = 0, **config: Any
 ) -> Path:

@@ -27,7 +27,7 @@ from loader.architecture import UnsupportedArchitecture
 from loader.config import Config
 from loader.memory import memory_report
 from loader.model import load_base
-from loader.synthetic import random_checkpoint
+from loader.synthetic import TINY, random_checkpoint
 from server.engine.core import EngineCore
 from server.engine.types import SamplingParams
 
@@ -35,17 +35,6 @@ WINDOW = 8  # sliding window of the tiny checkpoints: every prompt is longer
 CHUNK = 12  # prefill chunk (max_batch_tokens): chunks start past the window edge
 NEW_TOKENS = 6
 LOGPROB_TOLERANCE = 1e-3
-DIMS = dict(
-    hidden_size=64,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=32,
-    max_position_embeddings=256,
-    pad_token_id=None,  # some families default to ids past the demo's vocabulary
-    initializer_range=0.1,  # peaked next-token distributions: no float32 near-ties
-)
 MIXED = ["sliding_attention", "full_attention"]  # one windowed layer, one global
 MOE = dict(num_experts_per_tok=2, moe_intermediate_size=64)
 # model_type -> config overrides: the families of the README's table, then some refused ones
@@ -141,7 +130,7 @@ def checkpoints(tmp_path_factory, demo_tokenizer) -> dict[str, tuple[Path, dict[
     def get(family: str) -> tuple[Path, dict[str, Path]]:
         if family not in cache:
             root = tmp_path_factory.mktemp(family)
-            config = {**DIMS, **FAMILIES[family]}
+            config = {**TINY, **FAMILIES[family]}
             path = random_checkpoint(family, root / "base", demo_tokenizer, **config)
             adapters = {}
             if family not in REFUSED:
