@@ -105,6 +105,11 @@ def weights_file(folder: Path) -> Path:
     raise AdapterError(f"{WEIGHTS_FILE} is missing in {folder}", "missing_adapter_weights")
 
 
+def _expert_owner(module: str) -> str:
+    """The experts module a chain of PEFT's nested ParamWrappers (...experts.base_layer...) wraps."""
+    return re.sub(rf"({re.escape(EXPERT_CHAIN)})+$", "", module)
+
+
 def _module_of(key: str, shapes: Shapes) -> tuple[str, str]:
     """(base module path, "A" or "B") of a PEFT tensor key; keys of non-LoRA parts are refused."""
     short = key.removeprefix(PEFT_PREFIX)
@@ -117,7 +122,7 @@ def _module_of(key: str, shapes: Shapes) -> tuple[str, str]:
                 )
         raise AdapterError(f"unexpected tensor {key!r} in {WEIGHTS_FILE}", "unexpected_tensor")
     module = match.group("module")
-    owner = re.sub(rf"({re.escape(EXPERT_CHAIN)})+$", "", module)
+    owner = _expert_owner(module)
     if any(path.startswith(f"{owner}.") and len(dims) == 3 for path, dims in shapes.items()):
         return module, match.group("side")  # a fused-expert parameter, resolved by _expert_param
     if module not in shapes:
@@ -198,7 +203,7 @@ def _read_headers(handle: Any, shapes: Shapes) -> Headers:
 def _expert_param(chain: str, sides: dict[str, tuple[str, list[int], str]], shapes: Shapes) -> str:
     """The fused expert parameter (e.g. ...experts.gate_up_proj) that one of PEFT's nested
     ParamWrappers (...experts, ...experts.base_layer, ...) adapts, told apart by its in/out sizes."""
-    owner = re.sub(rf"({re.escape(EXPERT_CHAIN)})+$", "", chain)
+    owner = _expert_owner(chain)
     a_in = sides["A"][1][-1] if "A" in sides else None
     b_out = sides["B"][1][0] if "B" in sides else None
     fits = [

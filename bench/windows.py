@@ -18,17 +18,18 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-MODEL = dict(
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-    max_position_embeddings=8192,
-    initializer_range=0.1,
-    pad_token_id=None,
-)
+from loader.synthetic import TINY, random_checkpoint
+
+MODEL = {  # TINY's family, wider and longer
+    **TINY,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "max_position_embeddings": 8192,
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -113,7 +114,6 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from loader.demo import prepare_demo
-    from loader.synthetic import random_checkpoint
 
     if args.quick:
         args.requests, args.new_tokens = 4, 256

@@ -82,10 +82,12 @@ class KVCache:
         if self.horizon is None:
             return
         dead = (seq.num_computed - self.horizon + 1) // self.block_size  # blocks before the window
-        for i in range(min(dead, len(seq.blocks))):
-            if seq.blocks[i] != DROPPED:
-                self.free.append(seq.blocks[i])
-                seq.blocks[i] = DROPPED
+        # dropped blocks form a prefix: walk back from the newest dead block to the last one freed
+        for i in range(min(dead, len(seq.blocks)) - 1, -1, -1):
+            if seq.blocks[i] == DROPPED:
+                break
+            self.free.append(seq.blocks[i])
+            seq.blocks[i] = DROPPED
 
     def indices(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         """Flat pool rows of seq's token positions [start, end); positions in dropped blocks read
