@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +82,18 @@ class AdapterWeights:
     def rank(self) -> int:
         """The largest rank over the adapter's layers."""
         return max(m.rank for m in self.modules.values())
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """A SHA-256 of every module's path, scaling and A/B values: what the served weights are,
+        whatever the adapter is called (prefix caching keys its blocks on it)."""
+        sha = hashlib.sha256()
+        for path in sorted(self.modules):
+            module = self.modules[path]
+            sha.update(f"{path}:{module.scaling!r}:{list(module.A.shape)}".encode())
+            for tensor in (module.A, module.B):
+                sha.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
+        return sha.hexdigest()
 
     @property
     def nbytes(self) -> int:
@@ -347,4 +361,7 @@ def read_adapter(
             "adapter_too_large",
         )
     modules = read_lora_tensors(file, config, shapes, max_rank, max_bytes, header_only)
-    return AdapterWeights(name, str(folder), modules, config, manifest)
+    weights = AdapterWeights(name, str(folder), modules, config, manifest)
+    if not header_only:
+        _ = weights.digest  # hashed here, on the reading thread, never on the engine's step loop
+    return weights

@@ -33,6 +33,8 @@ class SlotTable:
         self.detached: set[int] = set()  # slots of old versions still pinned
         self.pins = [0] * num_slots
         self.slot_bytes = [0] * num_slots  # bytes of real (unpadded) weights in each slot
+        self.keys: list[SlotKey | None] = [None] * num_slots  # the version each slot holds
+        self.digests = [""] * num_slots  # digest of the weights each slot holds
         self.free = list(range(num_slots - 1, -1, -1))
         self.resident_names: frozenset[str] = frozenset()
         self.placements = 0
@@ -90,6 +92,8 @@ class SlotTable:
             if module is not None or slot in layer.active:  # an inactive slot is already zero
                 layer.set_slot(slot, module)
         self.slot_bytes[slot] = weights.nbytes
+        self.keys[slot] = key
+        self.digests[slot] = weights.digest
         self.placements += 1
         self.resident[key] = slot
         self._snapshot()
@@ -125,6 +129,8 @@ class SlotTable:
             if slot in layer.active:
                 layer.set_slot(slot, None)
         self.slot_bytes[slot] = 0
+        self.keys[slot] = None
+        self.digests[slot] = ""
         self.free.append(slot)
 
     def _snapshot(self) -> None:

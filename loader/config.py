@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 QUANT_TYPES = ("nf4", "fp4", "none")
+PREFIX_CACHE_SCOPES = ("global", "key")  # key: each API key's requests share cached blocks only
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -35,6 +36,8 @@ class Config:
     block_size: int = 16
     max_model_len: int | None = None
     cuda_graphs: bool = True
+    enable_prefix_caching: bool = True
+    prefix_cache_scope: str = "global"
     # adapters
     adapters_dir: str | None = None
     adapter_roots: str | None = None
@@ -66,6 +69,11 @@ class Config:
         if self.lora_dtype != "auto" and self.lora_dtype not in COMPUTE_DTYPES:
             raise ConfigError(
                 f"lora_dtype must be auto or one of {tuple(COMPUTE_DTYPES)}, got {self.lora_dtype!r}"
+            )
+        if self.prefix_cache_scope not in PREFIX_CACHE_SCOPES:
+            raise ConfigError(
+                f"prefix_cache_scope must be one of {PREFIX_CACHE_SCOPES}, "
+                f"got {self.prefix_cache_scope!r}"
             )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")

@@ -26,6 +26,8 @@ HELP = {
     "block_size": "KV block size in tokens",
     "max_model_len": "max prompt + completion tokens (default: the model's context)",
     "cuda_graphs": "replay decode steps from CUDA graphs at bucketed batch sizes (cuda only)",
+    "enable_prefix_caching": "reuse the KV of prompt prefixes seen before (same adapter weights)",
+    "prefix_cache_scope": "global: requests share cached prefixes | key: only within an API key",
     "adapters_dir": "watched folder whose PEFT subfolders are served as adapters",
     "adapter_roots": f"more folders (separated by {os.pathsep!r}) that load_lora_adapter may read",
     "adapters_poll_s": "seconds between polls of the adapters folder (0: no watching)",
@@ -95,6 +97,8 @@ ENGINE_FIELDS = (
     "block_size",
     "max_model_len",
     "cuda_graphs",
+    "enable_prefix_caching",
+    "prefix_cache_scope",
 )
 ADAPTER_FIELDS = (
     "adapters_dir",

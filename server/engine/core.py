@@ -65,7 +65,14 @@ class EngineCore:
             config.block_size,
             config.torch_compute_dtype,
             device,
+            config.enable_prefix_caching,
         )
+        if config.enable_prefix_caching and self.kv.prefix is None:
+            log.info(
+                "prefix caching off: every attention layer of %s slides, so blocks behind the "
+                "window are freed and a cached prefix would have holes",
+                self.arch.model_type,
+            )
         self.scheduler = Scheduler(config, self.kv, self.slots, self.registry)
         context = config.max_model_len or hf.max_position_embeddings
         self.max_model_len = min(context, self.kv.longest_sequence(config.max_batch_tokens))
@@ -115,6 +122,7 @@ class EngineCore:
         if changes != self._registry_changes:
             self._registry_changes = changes
             self.slots.retain(self.registry.is_current)
+            self.kv.invalidate(self.registry.is_current)
 
     # requests -----------------------------------------------------------------------------
     def check_request(
@@ -134,13 +142,21 @@ class EngineCore:
             )
 
     def add_request(
-        self, request_id: str, prompt_ids: list[int], adapter: str | None, params: SamplingParams
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        adapter: str | None,
+        params: SamplingParams,
+        cache_namespace: str = "",
     ) -> Sequence:
-        """Validate and queue a request."""
+        """Validate and queue a request; it shares cached prefix blocks only with requests of the
+        same adapter weights and the same cache_namespace."""
         if request_id in self.seqs:
             raise EngineError(f"duplicate request id {request_id!r}", "duplicate_request", 400)
         self.check_request(prompt_ids, adapter, params)
-        seq = Sequence(request_id, list(prompt_ids), adapter, params)
+        seq = Sequence(
+            request_id, list(prompt_ids), adapter, params, cache_namespace=cache_namespace
+        )
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -175,6 +191,7 @@ class EngineCore:
         for seq, n in batch.items:
             seq.num_computed += n
             self.kv.trim(seq)
+            self._offer_blocks(seq)
         finite = torch.isfinite(logits).all(-1).tolist() if seqs else []
         healthy = [s for s, ok in zip(seqs, finite, strict=True) if ok]
         outputs += [
@@ -184,6 +201,16 @@ class EngineCore:
         for seq, drawn in zip(healthy, sample(logits[rows], healthy), strict=True):
             outputs.append(self._append(seq, drawn.token_id, drawn.logprob, drawn.top_logprobs))
         return outputs
+
+    def _offer_blocks(self, seq: Sequence) -> None:
+        """Put seq's newly full blocks in the prefix cache, unless its adapter version was replaced
+        or unloaded meanwhile (its K/V must never serve the new version)."""
+        prefix = self.kv.prefix
+        if prefix is None:
+            return
+        owner = self.slots.keys[seq.slot] if seq.slot >= 0 else None
+        if owner is None or self.registry.is_current(owner):
+            prefix.insert(seq, owner)
 
     def _append(
         self, seq: Sequence, token: int, logprob: float | None, top: list[tuple[int, float]]
@@ -199,7 +226,15 @@ class EngineCore:
         if reason is not None:
             self.seqs.pop(seq.request_id, None)
             self.scheduler.finish(seq)
-        return TokenOutput(seq.request_id, token, reason, logprob, top, len(seq.prompt_ids))
+        return TokenOutput(
+            seq.request_id,
+            token,
+            reason,
+            logprob,
+            top,
+            len(seq.prompt_ids),
+            cached_tokens=seq.cached_tokens or 0,
+        )
 
     def _fail(self, seq: Sequence, message: str, code: str | None = None) -> TokenOutput:
         self.seqs.pop(seq.request_id, None)
@@ -217,6 +252,7 @@ class EngineCore:
     def stats(self) -> EngineStats:
         """A snapshot of queues, KV usage, adapter tiers and counters."""
         host_adapters, host_bytes = self.registry.host_usage()
+        prefix = self.kv.prefix
         return EngineStats(
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
@@ -231,4 +267,7 @@ class EngineCore:
             adapter_device_bytes=self.slots.used_bytes,
             adapter_slot_bytes=self.slots.capacity_bytes,
             adapter_loads=self.registry.loads,
+            prefix_cached_blocks=self.kv.cached_blocks,
+            prefix_queried_tokens=dict(prefix.queried) if prefix else {},
+            prefix_hit_tokens=dict(prefix.hits) if prefix else {},
         )

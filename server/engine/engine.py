@@ -118,9 +118,15 @@ class AsyncEngine:
 
     # requests -----------------------------------------------------------------------------
     async def generate(
-        self, prompt_ids: list[int], adapter: str | None, params: SamplingParams, request_id: str
+        self,
+        prompt_ids: list[int],
+        adapter: str | None,
+        params: SamplingParams,
+        request_id: str,
+        cache_namespace: str = "",
     ) -> AsyncIterator[TokenOutput]:
-        """Stream a request's tokens; the last output carries its finish_reason."""
+        """Stream a request's tokens; the last output carries its finish_reason. Cached prefixes
+        are shared only within one cache_namespace."""
         self.core.check_request(prompt_ids, adapter, params)
         if len(self.core.scheduler.waiting) + self._pending >= self.config.max_waiting:
             raise EngineError("The server is overloaded; retry later.", "overloaded", 429)
@@ -132,7 +138,7 @@ class AsyncEngine:
         def add() -> None:
             self._pending -= 1
             try:
-                self.core.add_request(request_id, prompt_ids, adapter, params)
+                self.core.add_request(request_id, prompt_ids, adapter, params, cache_namespace)
             except EngineError as error:
                 self._deliver(TokenOutput(request_id, None, "error", error=str(error)))
 

@@ -1,12 +1,15 @@
-"""The paged KV pool: fixed-capacity per-layer K/V tensors and a block allocator."""
+"""The paged KV pool: fixed-capacity per-layer K/V tensors and a reference-counted block allocator
+(blocks shared through the prefix cache are held by every sequence that reads them)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Sequence as Layers
 
 import torch
 
 from loader.architecture import LayerAttention
+from server.engine.prefix_cache import PrefixCache
 from server.engine.sequence import Sequence
 
 DROPPED = -1  # a block-table entry freed because no layer's window reaches it any more
@@ -24,6 +27,7 @@ class KVCache:
         block_size: int,
         dtype: torch.dtype,
         device: str,
+        prefix_caching: bool = False,
     ) -> None:
         self.block_size = block_size
         self.num_blocks = capacity_tokens // block_size
@@ -39,12 +43,25 @@ class KVCache:
         self.horizon = max(windows) if windows and min(windows) > 0 else None
         self.k = [pool(a.kv_heads, a.k_dim) for a in layers]
         self.v = [pool(a.kv_heads, a.v_dim) for a in layers]
-        self.free: list[int] = list(range(self.num_blocks - 1, -1, -1))
+        self.free: list[int] = list(range(self.num_blocks - 1, -1, -1))  # neither held nor cached
+        self.refs = [0] * self.num_blocks  # sequences holding each block
+        # trimmed blocks leave holes in a chain, so models whose layers all slide cache nothing
+        self.prefix = PrefixCache(block_size) if prefix_caching and self.horizon is None else None
+
+    @property
+    def available(self) -> int:
+        """Blocks a sequence can take: free ones and cached ones nobody holds."""
+        return len(self.free) + (len(self.prefix.idle) if self.prefix else 0)
 
     @property
     def used_blocks(self) -> int:
         """Blocks currently held by sequences."""
-        return self.num_blocks - len(self.free)
+        return self.num_blocks - self.available
+
+    @property
+    def cached_blocks(self) -> int:
+        """Blocks in the prefix cache (held or not)."""
+        return len(self.prefix.keys) if self.prefix else 0
 
     def blocks_needed(self, seq: Sequence, new_tokens: int) -> int:
         """Extra blocks seq needs to hold new_tokens more tokens in the cache."""
@@ -53,17 +70,62 @@ class KVCache:
 
     def can_allocate(self, seq: Sequence, new_tokens: int, reserve: int = 0) -> bool:
         """Whether the pool can grow seq by new_tokens and still keep `reserve` blocks free."""
-        return self.blocks_needed(seq, new_tokens) + reserve <= len(self.free)
+        return self.blocks_needed(seq, new_tokens) + reserve <= self.available
+
+    def cached_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks a waiting sequence (holding no blocks) can start from."""
+        return self.prefix.match(seq) if self.prefix else []
+
+    def can_admit(self, seq: Sequence, hits: list[int], new_tokens: int, reserve: int) -> bool:
+        """Whether a waiting sequence can take the cached blocks hits and then new_tokens more
+        tokens, keeping `reserve` blocks available."""
+        total = len(hits) * self.block_size + new_tokens
+        idle = self.prefix.idle if self.prefix else {}
+        taken_idle = sum(1 for b in hits if b in idle)  # parked hits stop being available
+        return -(-total // self.block_size) - len(hits) + reserve <= self.available - taken_idle
+
+    def share(self, seq: Sequence, hits: list[int]) -> None:
+        """Give a waiting sequence the cached blocks hits: their tokens count as computed."""
+        for block in hits:
+            if self.refs[block] == 0:
+                self.prefix.unpark(block)
+            self.refs[block] += 1
+        seq.blocks = list(hits)
+        seq.cached_blocks = len(hits)
+        seq.num_computed = len(hits) * self.block_size
+        if self.prefix is not None:
+            self.prefix.record(seq, seq.num_computed)
 
     def allocate(self, seq: Sequence, new_tokens: int) -> None:
-        """Grow seq's block table to hold new_tokens more tokens (caller checked can_allocate)."""
+        """Grow seq's block table to hold new_tokens more tokens (caller checked can_allocate);
+        cached blocks nobody holds are evicted, least recently used first, when none is free."""
         for _ in range(self.blocks_needed(seq, new_tokens)):
-            seq.blocks.append(self.free.pop())
+            block = self.free.pop() if self.free else self.prefix.evict()
+            self.refs[block] = 1
+            seq.blocks.append(block)
 
     def release(self, seq: Sequence) -> None:
-        """Return all of seq's blocks to the pool."""
-        self.free.extend(b for b in reversed(seq.blocks) if b != DROPPED)
+        """Drop seq's hold on all its blocks (the last block first, so a chain's tail is evicted
+        before its head)."""
+        for block in reversed(seq.blocks):
+            if block != DROPPED:
+                self._drop(block)
         seq.blocks = []
+        seq.cached_blocks = 0
+
+    def _drop(self, block: int) -> None:
+        self.refs[block] -= 1
+        if self.refs[block] > 0:
+            return
+        if self.prefix is not None and self.prefix.holds(block):
+            self.prefix.park(block)
+        else:
+            self.free.append(block)
+
+    def invalidate(self, is_current: Callable[[tuple[str, int]], bool]) -> None:
+        """Stop reusing blocks computed by adapter versions that are no longer current."""
+        if self.prefix is not None:
+            self.free.extend(self.prefix.invalidate(is_current))
 
     def longest_sequence(self, chunk: int) -> int | float:
         """The most tokens one sequence can hold: the pool, or no limit when every layer slides
@@ -86,7 +148,7 @@ class KVCache:
         for i in range(min(dead, len(seq.blocks)) - 1, -1, -1):
             if seq.blocks[i] == DROPPED:
                 break
-            self.free.append(seq.blocks[i])
+            self._drop(seq.blocks[i])
             seq.blocks[i] = DROPPED
 
     def indices(self, seq: Sequence, start: int, end: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Iteration-level scheduling: which sequences run this step and how many tokens each processes.
 
 Running sequences go first (decodes, then unfinished prefills), then waiting ones are admitted while
-there is token budget, a free sequence seat, an adapter slot and KV room. A waiting sequence whose
+there is token budget, a free sequence seat, an adapter slot and KV room; an admitted sequence starts
+from the longest cached prefix of its tokens (server/engine/prefix_cache.py). A waiting sequence whose
 adapter is not in host memory yet is skipped (never waited on) while the registry loads it in the
 background; one whose adapter was unloaded or failed to load is reported in the batch to be failed.
 When the KV pool cannot grow a running sequence, the most recently admitted one is preempted: its
@@ -18,6 +19,7 @@ from adapters.registry import AdapterRegistry
 from adapters.slots import SlotTable
 from loader.config import Config
 from server.engine.kv_cache import KVCache
+from server.engine.prefix_cache import BASE_IDENTITY, chain_root
 from server.engine.sequence import Sequence, Status
 
 
@@ -114,23 +116,40 @@ class Scheduler:
             if id(seq) in failing:
                 skipped.append(seq)
                 continue
-            n = min(seq.remaining, budget)
-            # keep a block of headroom per running sequence so admissions don't force preemptions
-            if not self.kv.can_allocate(seq, n, reserve=len(self.running)):
-                self.waiting.appendleft(seq)
-                break
-            if seq.adapter is not None and seq.slot < 0:
+            acquired = seq.adapter is not None and seq.slot < 0
+            if acquired:
                 slot = self._acquire_slot(seq.adapter)
                 if slot is None:  # cold, or every slot pinned: let others pass, retry next step
                     skipped.append(seq)
                     continue
                 seq.slot = slot
+            hits = self._cached_prefix(seq)
+            n = min(seq.remaining - len(hits) * self.kv.block_size, budget)
+            # keep a block of headroom per running sequence so admissions don't force preemptions
+            if not self.kv.can_admit(seq, hits, n, reserve=len(self.running)):
+                if acquired:
+                    self.slots.release(seq.slot)
+                    seq.slot = -1
+                self.waiting.appendleft(seq)
+                break
+            self.kv.share(seq, hits)
+            if seq.cached_tokens is None:
+                seq.cached_tokens = seq.num_computed
             seq.status = Status.RUNNING
             self.running.append(seq)
             self.kv.allocate(seq, n)
             items.append((seq, n))
             budget -= n
         self.waiting.extendleft(reversed(skipped))
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks seq can start from, under its adapter slot's weights and namespace."""
+        if self.kv.prefix is None:
+            return []
+        if not seq.cache_root:
+            identity = self.slots.digests[seq.slot] if seq.slot >= 0 else BASE_IDENTITY
+            seq.cache_root = chain_root(identity, seq.cache_namespace)
+        return self.kv.cached_prefix(seq)
 
     def _newest_running(self, exclude: list[Sequence]) -> Sequence:
         candidates = [s for s in self.running if s not in exclude]

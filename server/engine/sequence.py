@@ -37,6 +37,14 @@ class Sequence:
     arrival: int = field(default_factory=lambda: next(_arrival))
     generator: torch.Generator | None = None
     preempted: int = 0
+    # prefix caching: the namespace the server put the request in, its chain root (set at first
+    # admission, from its adapter slot's weights), the keys of its full blocks, how many leading
+    # blocks it has offered to the cache, and the prompt tokens found cached at first admission
+    cache_namespace: str = ""
+    cache_root: bytes = b""
+    block_keys: list[bytes] = field(default_factory=list)
+    cached_blocks: int = 0
+    cached_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not self.params.greedy:

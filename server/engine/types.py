@@ -55,6 +55,7 @@ class TokenOutput:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     error: str | None = None
     error_code: str | None = None  # machine-readable reason of an "error" finish, when known
 
@@ -76,3 +77,7 @@ class EngineStats:
     adapter_device_bytes: int = 0  # adapter weight bytes in device slots (rank padding excluded)
     adapter_slot_bytes: int = 0  # bytes preallocated for all device slots
     adapter_loads: int = 0  # adapters read from disk by the background loader
+    prefix_cached_blocks: int = 0  # KV blocks in the prefix cache, held or not
+    # prompt tokens looked up in / found in the prefix cache, by adapter name (None: the base)
+    prefix_queried_tokens: dict[str | None, int] = field(default_factory=dict)
+    prefix_hit_tokens: dict[str | None, int] = field(default_factory=dict)
