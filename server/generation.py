@@ -83,12 +83,14 @@ class Generation:
         request_id: str,
         timeout_s: float,
         on_token: TokenObserver | None = None,
+        cache_namespace: str = "",
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.adapter = adapter
         self.request_id = request_id
         self.on_token = on_token
+        self.cache_namespace = cache_namespace
         self.started_at = time.monotonic()
         self.deadline = self.started_at + timeout_s
         self.prompt_tokens = sum(len(p) for p in prompts)
@@ -101,6 +103,8 @@ class Generation:
                 self.states.append(
                     ChoiceState(IncrementalDetokenizer(tokenizer, prompt), StopMatcher(stops))
                 )
+        self.first_choices = range(0, len(self.jobs), n)  # each prompt's first choice
+        self.cached = [0] * len(self.jobs)  # prompt tokens each choice found in the prefix cache
         self.want_logprobs = params.logprobs is not None
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._buffer: deque[Event] = deque()
@@ -111,6 +115,12 @@ class Generation:
         """Tokens generated so far over all choices."""
         return sum(s.tokens for s in self.states)
 
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens served from the prefix cache (each prompt counted once, by its first
+        choice, as prompt_tokens counts it)."""
+        return sum(self.cached[i] for i in self.first_choices)
+
     def engine_id(self, index: int) -> str:
         """The engine request id of choice index."""
         return f"{self.request_id}-{index}"
@@ -119,7 +129,7 @@ class Generation:
         prompt, params = self.jobs[index]
         try:
             async for out in self.engine.generate(
-                prompt, self.adapter, params, self.engine_id(index)
+                prompt, self.adapter, params, self.engine_id(index), self.cache_namespace
             ):
                 self._queue.put_nowait((index, out))
         except Exception as error:  # noqa: BLE001 - handed to the consumer
@@ -185,6 +195,7 @@ class Generation:
             return self._finish(index, "error", "", [], "the engine failed")
         text, logprobs = "", []
         if item.token_id is not None:
+            self.cached[index] = item.cached_tokens
             state.tokens += 1
             self._observe(state)
             text = state.stops.feed(state.detok.add(item.token_id))

@@ -22,8 +22,9 @@ UNKNOWN = "unknown"
 class EngineCollector(Collector):
     """Gauges and counters read from the engine's stats at each scrape."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, base_name: str) -> None:
         self.engine = engine
+        self.base_name = base_name
 
     def collect(self) -> Iterable[Metric]:
         """The engine's current figures."""
@@ -55,6 +56,10 @@ class EngineCollector(Collector):
                 "adapters the server can serve",
                 len(self.engine.adapter_names()),
             ),
+            "loraplex_prefix_cache_blocks": (
+                "KV blocks in the prefix cache (held by requests or kept for reuse)",
+                s.prefix_cached_blocks,
+            ),
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=value)
@@ -72,6 +77,21 @@ class EngineCollector(Collector):
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)
+        per_adapter = {
+            "loraplex_prefix_cache_queried_tokens": (
+                "prompt tokens looked up in the prefix cache, by model",
+                s.prefix_queried_tokens,
+            ),
+            "loraplex_prefix_cache_hit_tokens": (
+                "prompt tokens whose KV was found in the prefix cache, by model",
+                s.prefix_hit_tokens,
+            ),
+        }
+        for name, (doc, values) in per_adapter.items():
+            family = CounterMetricFamily(name, doc, labels=["adapter"])
+            for adapter, value in sorted(values.items(), key=lambda kv: kv[0] or ""):
+                family.add_metric([adapter or self.base_name], value)
+            yield family
 
 
 class Metrics:
@@ -112,7 +132,7 @@ class Metrics:
             ["adapter"],
             registry=r,
         )
-        r.register(EngineCollector(engine))
+        r.register(EngineCollector(engine, base_name))
 
     def adapter_label(self, model: str) -> str:
         """model itself if it is the base or a known adapter, else "unknown"."""

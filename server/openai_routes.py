@@ -71,7 +71,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     fmt = CompletionFormat(
         body.model, len(prompts) * n, body.logprobs is not None, body.include_usage
     )
-    gen = st.generation(body.model, prompts, params, n, body.stops, fmt.id)
+    namespace = st.cache_namespace(request, body.cache_salt)
+    gen = st.generation(body.model, prompts, params, n, body.stops, fmt.id, namespace)
     return await respond(request, gen, fmt, bool(body.stream))
 
 
@@ -88,5 +89,6 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     params = sampling_params(body, max_tokens, logprobs)
     n = body.n or 1
     fmt = ChatFormat(body.model, n, logprobs is not None, body.include_usage)
-    gen = st.generation(body.model, [prompt], params, n, body.stops, fmt.id)
+    namespace = st.cache_namespace(request, body.cache_salt)
+    gen = st.generation(body.model, [prompt], params, n, body.stops, fmt.id, namespace)
     return await respond(request, gen, fmt, bool(body.stream))

@@ -43,7 +43,11 @@ async def stream_events(gen: Generation, fmt: ResponseFormat) -> AsyncIterator[s
                 yield sse(chunk)
         else:
             if fmt.stream_usage:
-                yield sse(fmt.usage_chunk(usage(gen.prompt_tokens, gen.completion_tokens)))
+                yield sse(
+                    fmt.usage_chunk(
+                        usage(gen.prompt_tokens, gen.completion_tokens, gen.cached_tokens)
+                    )
+                )
         yield "data: [DONE]\n\n"
     finally:
         gen.close()
@@ -56,7 +60,7 @@ async def collect(gen: Generation, fmt: ResponseFormat) -> dict[str, Any]:
             if delta.finish_reason == "error":
                 raise APIError("the engine failed on this request", 500, "internal_error")
             fmt.add(delta)
-        return fmt.response(usage(gen.prompt_tokens, gen.completion_tokens))
+        return fmt.response(usage(gen.prompt_tokens, gen.completion_tokens, gen.cached_tokens))
     finally:
         gen.close()
 

@@ -43,6 +43,13 @@ class SamplingRequest(StrictModel):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
+    cache_salt: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="vLLM's prefix-cache salt: only requests with the same salt (and key, "
+        "adapter weights and tokens) share cached prompt blocks",
+    )
     # accepted at their neutral value only
     presence_penalty: float | None = None
     frequency_penalty: float | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,6 +11,7 @@ from typing import Any
 from fastapi import Request
 
 from loader.config import Config
+from server.auth import current_key
 from server.engine.types import SamplingParams
 from server.generation import Generation
 from server.metrics import Metrics
@@ -42,6 +45,7 @@ class ServerState:
         n: int,
         stops: list[str],
         request_id: str,
+        cache_namespace: str = "",
     ) -> Generation:
         """The engine requests for `model` (404 if unknown), counted in the per-adapter metrics."""
         on_token = self.metrics.request_started(model)
@@ -57,7 +61,16 @@ class ServerState:
             request_id,
             self.config.request_timeout_s,
             on_token,
+            cache_namespace,
         )
+
+    def cache_namespace(self, request: Request, salt: str | None) -> str:
+        """Which cached prefixes a request may share: those of its API key under
+        `--prefix-cache-scope key` (else every key's), with the same cache_salt."""
+        tenant = ""
+        if self.config.prefix_cache_scope == "key":
+            tenant = hashlib.sha256(current_key(request).key.encode()).hexdigest()
+        return json.dumps([tenant, salt or ""])
 
 
 def get_state(request: Request) -> ServerState:

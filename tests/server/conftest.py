@@ -83,7 +83,8 @@ def keyed_server(
     demo_path: Path, adapters_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SimpleNamespace]:
     """`loraplex serve` with an admin key (every adapter), a user key limited to one adapter, a
-    base-only key, --max-body-bytes 4096 and --max-n 2: url, log, proc, keys, base."""
+    base-only key, --max-body-bytes 4096, --max-n 2 and per-key prefix caching: url, log, proc,
+    keys, base."""
     root = tmp_path_factory.mktemp("keyed")
     keys_file = root / "keys.json"
     keys_file.write_text(
@@ -102,6 +103,7 @@ def keyed_server(
         "--api-keys-file", str(keys_file),
         "--max-body-bytes", str(KEYED_MAX_BODY_BYTES),
         "--max-n", str(KEYED_MAX_N),
+        "--prefix-cache-scope", "key",
     ]  # fmt: skip
     with serve_process(args, root / "server.log") as running:
         running.keys = dict(KEYED_KEYS)

@@ -147,3 +147,23 @@ def test_key_ring_matches_only_exact_keys():
 def test_bad_keys_files_are_refused(entries):
     with pytest.raises(ConfigError):
         parse_keys(entries, "keys.json")
+
+
+def test_key_scope_keeps_tenants_cached_prefixes_apart(http, keyed_server):
+    # keyed_server runs with --prefix-cache-scope key
+    rules = " ".join(f"Policy {i}: be brief about harbours." for i in range(10))
+    body = {
+        "model": keyed_server.base,
+        "messages": [{"role": "system", "content": rules}, {"role": "user", "content": "Hi"}],
+        "max_tokens": 2,
+        "temperature": 0,
+    }
+
+    def cached(role: str) -> int:
+        response = http.post("/v1/chat/completions", json=body, headers=auth(keyed_server, role))
+        assert response.status_code == 200, response.text
+        return response.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert cached("admin") == 0
+    assert cached("user") == 0  # the same prompt under another key: nothing shared
+    assert cached("user") > 0 and cached("admin") > 0  # each key reuses its own

@@ -229,3 +229,59 @@ def test_metrics_parse_and_count_per_adapter(server):
         "loraplex_kv_usage_ratio",
         (),
     ) in samples
+
+
+def long_system(topic: str) -> list[dict[str, str]]:
+    """A chat whose system prompt spans several KV blocks, then a short question."""
+    rules = " ".join(f"Rule {i}: answer questions about {topic} briefly." for i in range(8))
+    return [{"role": "system", "content": rules}, {"role": "user", "content": "Say hello."}]
+
+
+def test_prefix_cache_reports_cached_tokens_and_metrics(client, server, adapter_names):
+    adapter = adapter_names[0]
+    before = metric_samples(server.url)
+    messages = long_system("lighthouses")
+    kw = {"model": adapter, "messages": messages, "max_tokens": 3, "temperature": 0}
+    first = client.chat.completions.create(**kw)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    second = client.chat.completions.create(**kw)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    # every full 16-token block but the one holding the prompt's last token
+    assert cached == (second.usage.prompt_tokens - 1) // 16 * 16 > 64
+    stream = client.chat.completions.create(
+        **kw, stream=True, stream_options={"include_usage": True}
+    )
+    usage = [chunk.usage for chunk in stream if chunk.usage is not None]
+    assert usage[-1].prompt_tokens_details.cached_tokens == cached
+    # another model with the same prompt never reads those blocks
+    other = client.chat.completions.create(**{**kw, "model": BASE})
+    assert other.usage.prompt_tokens_details.cached_tokens == 0
+    after = metric_samples(server.url)
+
+    def grew(name: str, label: str) -> float:
+        key = (name, (("adapter", label),))
+        return after[key] - before.get(key, 0.0)
+
+    assert grew("loraplex_prefix_cache_hit_tokens_total", adapter) == 2 * cached
+    assert (
+        grew("loraplex_prefix_cache_queried_tokens_total", adapter) == 3 * first.usage.prompt_tokens
+    )
+    assert grew("loraplex_prefix_cache_hit_tokens_total", BASE) == 0
+    assert after[("loraplex_prefix_cache_blocks", ())] >= cached // 16
+
+
+def test_cache_salt_separates_namespaces(client):
+    kw = {"model": BASE, "messages": long_system("tides"), "max_tokens": 2, "temperature": 0}
+
+    def cached(salt: str | None) -> int:
+        extra = {} if salt is None else {"extra_body": {"cache_salt": salt}}
+        reply = client.chat.completions.create(**kw, **extra)
+        return reply.usage.prompt_tokens_details.cached_tokens
+
+    assert cached(None) == 0
+    assert cached("tenant-a") == 0  # a salted request never sees unsalted blocks
+    assert cached("tenant-a") > 0
+    assert cached(None) > 0
+    with pytest.raises(openai.BadRequestError) as empty:
+        client.completions.create(model=BASE, prompt="hi", extra_body={"cache_salt": ""})
+    assert "cache_salt" in str(empty.value)
