@@ -67,7 +67,9 @@ class EngineCore:
             device,
             config.enable_prefix_caching,
         )
-        if config.enable_prefix_caching and self.kv.prefix is None:
+        if self.kv.prefix is not None:
+            log.info("prefix caching on (scope %s)", config.prefix_cache_scope)
+        elif config.enable_prefix_caching:
             log.info(
                 "prefix caching off: every attention layer of %s slides, so blocks behind the "
                 "window are freed and a cached prefix would have holes",

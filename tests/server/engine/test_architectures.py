@@ -206,6 +206,10 @@ def test_float32_mixed_batch_is_exact(family, checkpoints, engine_waves, peft_or
         **exact,
     )
     assert engine.stats().preemptions > 0, "the test must exercise preemption"
+    if family in ALL_SLIDING:  # blocks behind the window are freed: no chain to cache
+        assert engine.kv.prefix is None
+    else:  # later waves and resumed sequences reuse the chat template's system-prompt blocks
+        assert sum(engine.stats().prefix_hit_tokens.values()) > 0, "no prefix-cache hit"
     model, _ = peft_reference(path, adapters, **exact)
     for rid, ids, adapter in requests:
         tokens = [t for t, _ in outputs[rid]]

@@ -229,3 +229,28 @@ def test_nf4_cache_hits_within_tolerance(demo_path, peft_adapters, peft_referenc
     assert all(got[f"nf4-{i}-gamma"][2] >= 48 for i in range(len(QUESTIONS)))
     runs = [(rid, ids, a, got[rid][0], got[rid][1]) for rid, ids, a in wave]
     peft_oracle.check(peft_reference, core.base.tokenizer, runs)
+
+
+def test_abort_of_one_sharer_leaves_the_other_intact(cached, cold):
+    ids = chat_ids(cached, "What bread do you bake on Fridays?")
+    run(cached, [("seed", ids, "beta")])  # caches the prompt's full blocks
+    params = SamplingParams(max_tokens=8, temperature=0, logprobs=0, ignore_eos=True)
+    for rid in ("keep", "drop"):
+        cached.add_request(rid, ids, "beta", params)
+    first = {out.request_id: out for out in cached.step()}  # both admitted, both sample
+    tokens, logprobs = [first["keep"].token_id], [first["keep"].logprob]
+    keep, drop = cached.seqs["keep"], cached.seqs["drop"]
+    shared = (len(ids) - 1) // cached.kv.block_size
+    assert keep.blocks[:shared] == drop.blocks[:shared]
+    assert all(cached.kv.refs[b] == 2 for b in keep.blocks[:shared])
+    cached.abort("drop")
+    assert all(cached.kv.refs[b] == 1 for b in keep.blocks[:shared])
+    while cached.has_work():
+        for out in cached.step():
+            assert out.error is None and out.request_id == "keep"
+            if out.token_id is not None:
+                tokens.append(out.token_id)
+                logprobs.append(out.logprob)
+    reference = run(cold, [("keep", ids, "beta")], params=params)
+    assert_same({"keep": (tokens, logprobs, 0)}, reference)
+    assert cached.kv.used_blocks == 0
