@@ -18,6 +18,10 @@ BENCHES = {
         "bench.windows",
         "KV memory of a sliding-window base, blocks behind the window freed",
     ),
+    "prefix": (
+        "bench.prefix",
+        "prefix caching: shared system prompts per adapter, cache on vs off",
+    ),
 }
 
 
