@@ -99,10 +99,14 @@ class KVCache:
     def allocate(self, seq: Sequence, new_tokens: int) -> None:
         """Grow seq's block table to hold new_tokens more tokens (caller checked can_allocate);
         cached blocks nobody holds are evicted, least recently used first, when none is free."""
-        for _ in range(self.blocks_needed(seq, new_tokens)):
-            block = self.free.pop() if self.free else self.prefix.evict()
+        fresh = [
+            self.free.pop() if self.free else self.prefix.evict()
+            for _ in range(self.blocks_needed(seq, new_tokens))
+        ]
+        fresh.sort()  # ascending pool rows: attention gathers them in one forward sweep
+        for block in fresh:
             self.refs[block] = 1
-            seq.blocks.append(block)
+        seq.blocks.extend(fresh)
 
     def release(self, seq: Sequence) -> None:
         """Drop seq's hold on all its blocks (the last block first, so a chain's tail is evicted
