@@ -63,7 +63,7 @@ TokenObserver = Callable[[float | None, float | None], None]  # (ttft_s, inter_t
 
 def refused(out: TokenOutput) -> APIError:
     """The HTTP error for a request the engine failed before its first token."""
-    code = getattr(out, "error_code", None) or "internal_error"  # error_code: newer engines
+    code = out.error_code or "internal_error"
     status = {"internal_error": 500, "model_not_found": 404}.get(code, 503)
     return APIError(out.error or "the engine failed on this request", status, code)
 

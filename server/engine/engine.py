@@ -140,7 +140,10 @@ class AsyncEngine:
             try:
                 self.core.add_request(request_id, prompt_ids, adapter, params, cache_namespace)
             except EngineError as error:
-                self._deliver(TokenOutput(request_id, None, "error", error=str(error)))
+                out = TokenOutput(
+                    request_id, None, "error", error=str(error), error_code=error.code
+                )
+                self._deliver(out)
 
         self._inbox.put(add)
         self._wake.set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -121,9 +122,11 @@ def test_stop_tokens_top_k_and_logprobs(engine):
     assert len(tokens_of(stopped)) == greedy.index(stop_at) + 1
 
 
-def test_async_engine_streams_and_aborts(demo_path):
+def test_async_engine_streams_and_aborts(demo_path, peft_adapters):
     config = Config(model=str(demo_path), kv_capacity_tokens=1024)
     engine = AsyncEngine(load_base(config), config)
+    shapes = base_linear_shapes(engine.base.model)
+    engine.core.add_adapter(read_adapter(peft_adapters["alpha"], "alpha", shapes, 64, 1 << 30))
     engine.start()
     prompt = engine.base.tokenizer("Count: one, two,").input_ids
 
@@ -148,5 +151,21 @@ def test_async_engine_streams_and_aborts(demo_path):
                 break
             asyncio.run(asyncio.sleep(0.05))
         assert stats.running == 0 and stats.kv_used_blocks == 0
+        unloaded = asyncio.run(unloaded_between_check_and_add(engine, prompt))
+        assert unloaded.finish_reason == "error" and unloaded.error_code == "model_not_found"
     finally:
         engine.shutdown()
+
+
+async def unloaded_between_check_and_add(engine: AsyncEngine, prompt: list[int]):
+    """The adapter passes generate()'s check, then is unloaded before the engine thread adds the
+    request (the adapters-folder watcher can do this at any time): the request ends with
+    model_not_found, which the API answers 404, never an internal error."""
+    gate = threading.Event()
+    engine._inbox.put(gate.wait)  # hold the engine thread before it takes the request
+    stream = engine.generate(prompt, "alpha", GREEDY, "gone")
+    first = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0.1)  # generate() has checked and queued its add
+    engine.unload_adapter("alpha")
+    gate.set()
+    return await first
