@@ -12,6 +12,7 @@ import torch
 
 QUANT_TYPES = ("nf4", "fp4", "none")
 PREFIX_CACHE_SCOPES = ("global", "key")  # key: each API key's requests share cached blocks only
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")  # the model's own tool-call output format
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -58,6 +59,10 @@ class Config:
     max_body_bytes: int = 1024 * 1024
     max_n: int = 8
     shutdown_grace_s: float = 30.0
+    # structured outputs and tool calls
+    tool_call_parser: str = "hermes"
+    max_grammar_bytes: int = 64 * 1024
+    grammar_compile_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.quant not in QUANT_TYPES:
@@ -75,6 +80,10 @@ class Config:
                 f"prefix_cache_scope must be one of {PREFIX_CACHE_SCOPES}, "
                 f"got {self.prefix_cache_scope!r}"
             )
+        if self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ConfigError(
+                f"tool_call_parser must be one of {TOOL_CALL_PARSERS}, got {self.tool_call_parser!r}"
+            )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         positive = (
@@ -89,6 +98,8 @@ class Config:
             "max_waiting",
             "max_body_bytes",
             "max_n",
+            "max_grammar_bytes",
+            "grammar_compile_timeout_s",
         )
         for name in positive:
             if getattr(self, name) <= 0:

@@ -46,6 +46,9 @@ HELP = {
     "max_body_bytes": "largest request body accepted (413 beyond)",
     "max_n": "most choices (n) per request",
     "shutdown_grace_s": "seconds in-flight requests may run after SIGTERM before being aborted",
+    "tool_call_parser": "the model's tool-call format for tool_choice auto: hermes | llama3_json",
+    "max_grammar_bytes": "largest JSON schema, regex or grammar a request may carry (400 beyond)",
+    "grammar_compile_timeout_s": "seconds a request's grammar may take to compile (400 beyond)",
 }
 FLAG_NAMES = {
     "adapters_dir": "adapters",
@@ -121,6 +124,9 @@ HTTP_FIELDS = (
     "max_body_bytes",
     "max_n",
     "shutdown_grace_s",
+    "tool_call_parser",
+    "max_grammar_bytes",
+    "grammar_compile_timeout_s",
 )
 
 

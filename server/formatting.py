@@ -7,6 +7,7 @@ import uuid
 from typing import Any
 
 from server.generation import ChoiceDelta, TokenLogprob
+from server.tool_calls import ToolCall, ToolCallStream, parse_tool_calls
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
@@ -55,9 +56,10 @@ class ResponseFormat:
 
     def chunk(self, delta: ChoiceDelta) -> dict[str, Any] | None:
         """The stream chunk of a delta, or None when it carries nothing."""
-        if not delta.text and not delta.logprobs and delta.finish_reason is None:
+        choice = self._chunk_choice(delta)
+        if choice is None:
             return None
-        body = self._envelope([self._chunk_choice(delta)], self.chunk_object)
+        body = self._envelope([choice], self.chunk_object)
         if self.stream_usage:
             body["usage"] = None
         return body
@@ -79,7 +81,7 @@ class ResponseFormat:
         body["usage"] = used
         return body
 
-    def _chunk_choice(self, delta: ChoiceDelta) -> dict[str, Any]:
+    def _chunk_choice(self, delta: ChoiceDelta) -> dict[str, Any] | None:
         raise NotImplementedError
 
     def _final_choice(self, index: int) -> dict[str, Any]:
@@ -111,7 +113,9 @@ class CompletionFormat(ResponseFormat):
             "text_offset": text_offset,
         }
 
-    def _chunk_choice(self, delta: ChoiceDelta) -> dict[str, Any]:
+    def _chunk_choice(self, delta: ChoiceDelta) -> dict[str, Any] | None:
+        if not delta.text and not delta.logprobs and delta.finish_reason is None:
+            return None
         return {
             "index": delta.index,
             "text": delta.text,
@@ -133,11 +137,25 @@ def _chat_entry(token: str, logprob: float) -> dict[str, Any]:
 
 
 class ChatFormat(ResponseFormat):
-    """/v1/chat/completions: assistant messages (deltas when streamed) with chat logprobs."""
+    """/v1/chat/completions: assistant messages (deltas when streamed) with chat logprobs; with a
+    tool-call parser, calls in the output become `tool_calls` (finish_reason `tool_calls`)."""
 
     object_name = "chat.completion"
     chunk_object = "chat.completion.chunk"
     id_prefix = "chatcmpl"
+
+    def __init__(
+        self,
+        model: str,
+        num_choices: int,
+        logprobs: bool,
+        stream_usage: bool,
+        tool_parser: str | None = None,
+    ) -> None:
+        super().__init__(model, num_choices, logprobs, stream_usage)
+        self.tool_parser = tool_parser
+        self.tool_streams = [ToolCallStream(tool_parser) for _ in range(num_choices)]
+        self.calls_sent = [0] * num_choices
 
     def _chat_logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any] | None:
         if not self.logprobs:
@@ -165,18 +183,49 @@ class ChatFormat(ResponseFormat):
             chunks.append(body)
         return chunks
 
-    def _chunk_choice(self, delta: ChoiceDelta) -> dict[str, Any]:
+    def _split(self, delta: ChoiceDelta) -> tuple[str, list[ToolCall]]:
+        """The delta's content and the tool calls it completes."""
+        if self.tool_parser is None:
+            return delta.text, []
+        stream = self.tool_streams[delta.index]
+        text, calls = stream.feed(delta.text)
+        if delta.finish_reason is not None:
+            rest, more = stream.finish()
+            text, calls = text + rest, calls + more
+        return text, calls
+
+    @staticmethod
+    def _reason(reason: str | None, called: bool) -> str | None:
+        return "tool_calls" if called and reason == "stop" else reason
+
+    def _chunk_choice(self, delta: ChoiceDelta) -> dict[str, Any] | None:
+        text, calls = self._split(delta)
+        if not text and not calls and not delta.logprobs and delta.finish_reason is None:
+            return None
+        body: dict[str, Any] = {"content": text} if text or delta.logprobs else {}
+        if calls:
+            first = self.calls_sent[delta.index]
+            body["tool_calls"] = [c.as_dict(first + i) for i, c in enumerate(calls)]
+            self.calls_sent[delta.index] += len(calls)
+        called = bool(self.calls_sent[delta.index])
         return {
             "index": delta.index,
-            "delta": {"content": delta.text} if delta.text or delta.logprobs else {},
+            "delta": body,
             "logprobs": self._chat_logprobs(delta.logprobs),
-            "finish_reason": delta.finish_reason,
+            "finish_reason": self._reason(delta.finish_reason, called),
         }
 
     def _final_choice(self, index: int) -> dict[str, Any]:
+        content: str | None = self.texts[index]
+        calls: list[ToolCall] = []
+        if self.tool_parser is not None:
+            content, calls = parse_tool_calls(self.tool_parser, self.texts[index])
+        message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+        if calls:
+            message["tool_calls"] = [call.as_dict() for call in calls]
         return {
             "index": index,
-            "message": {"role": "assistant", "content": self.texts[index], "refusal": None},
+            "message": message,
             "logprobs": self._chat_logprobs(self.token_logprobs[index]),
-            "finish_reason": self.finish_reasons[index],
+            "finish_reason": self._reason(self.finish_reasons[index], bool(calls)),
         }

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from server.auth import may_use
+from server.errors import APIError
 from server.formatting import ChatFormat, CompletionFormat
 from server.responding import respond
 from server.response_schemas import (
@@ -18,6 +19,8 @@ from server.response_schemas import (
 )
 from server.schemas import ChatCompletionRequest, CompletionRequest
 from server.state import get_state
+from server.structured import output_spec
+from server.tool_calls import tool_use
 from server.translate import (
     chat_logprobs,
     chat_max_tokens,
@@ -66,7 +69,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     st = get_state(request)
     check_common(body)
     prompts = encode_completion_prompts(st.tokenizer, body)
-    params = sampling_params(body, completion_max_tokens(body), body.logprobs)
+    spec = output_spec(body)
+    grammar = await st.grammars.compile(spec) if spec is not None else None
+    params = sampling_params(body, completion_max_tokens(body), body.logprobs, grammar)
     n = body.n or 1
     fmt = CompletionFormat(
         body.model, len(prompts) * n, body.logprobs is not None, body.include_usage
@@ -80,15 +85,27 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     "/chat/completions", responses=documented(ChatCompletion, *GENERATION_ERRORS, stream=True)
 )
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
-    """Chat completion: the messages through the base's chat template, n choices."""
+    """Chat completion: the messages (and tools) through the base's chat template, n choices; the
+    output constrained by response_format, structured_outputs or a forced tool call."""
     st = get_state(request)
     check_common(body)
     logprobs = chat_logprobs(body)
-    prompt = encode_chat(st.tokenizer, body)
+    tools = tool_use(body, st.config.tool_call_parser)
+    spec = output_spec(body)
+    if spec is not None and tools.grammar is not None:
+        raise APIError(
+            "a forced tool call cannot also follow response_format or structured_outputs",
+            400,
+            "invalid_value",
+            "tool_choice",
+        )
+    spec = spec or tools.grammar
+    prompt = encode_chat(st.tokenizer, body, tools.tools)
+    grammar = await st.grammars.compile(spec) if spec is not None else None
     max_tokens = chat_max_tokens(body, len(prompt), st.engine.max_model_len)
-    params = sampling_params(body, max_tokens, logprobs)
+    params = sampling_params(body, max_tokens, logprobs, grammar)
     n = body.n or 1
-    fmt = ChatFormat(body.model, n, logprobs is not None, body.include_usage)
+    fmt = ChatFormat(body.model, n, logprobs is not None, body.include_usage, tools.parser)
     namespace = st.cache_namespace(request, body.cache_salt)
     gen = st.generation(body.model, [prompt], params, n, body.stops, fmt.id, namespace)
     return await respond(request, gen, fmt, bool(body.stream))

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-FinishReason = Literal["stop", "length", "abort", "error"]
+FinishReason = Literal["stop", "length", "tool_calls", "abort", "error"]
 GENERATION_ERRORS = (400, 401, 404, 413, 429, 500, 503, 504)  # what a completion may answer
 
 
@@ -94,12 +94,28 @@ class ChatLogprobs(BaseModel):
     refusal: list[TokenLogprob] | None
 
 
+class FunctionCall(BaseModel):
+    """The function a tool call invokes, its arguments as a JSON string."""
+
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """One call in the assistant's `tool_calls`."""
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    """The assistant's message."""
+    """The assistant's message: content, and the tool calls it made (when tools were given)."""
 
     role: Literal["assistant"]
     content: str | None
     refusal: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):

@@ -7,13 +7,15 @@ are accepted at that value only, and refused with a 400 naming them otherwise.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_N = 16
 MAX_CHOICES = 64
 MAX_STOPS = 16
+MAX_TOOLS = 128
+NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function and schema names
 SEED_LIMIT = 2**63 - 1 - MAX_N
 
 
@@ -27,6 +29,30 @@ class StreamOptions(StrictModel):
     """`stream_options`: only include_usage is supported."""
 
     include_usage: bool | None = None
+
+
+class StructuredOutputs(StrictModel):
+    """vLLM's `structured_outputs` extra field: exactly one constraint on the output."""
+
+    json_: dict[str, Any] | str | None = Field(
+        None, alias="json", description="a JSON schema (object or JSON text)"
+    )
+    regex: str | None = Field(None, min_length=1)
+    choice: list[str] | None = Field(None, min_length=1, max_length=256)
+    grammar: str | None = Field(None, min_length=1, description="an EBNF grammar (GBNF style)")
+    json_object: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        given = [k for k in ("json_", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError("give exactly one of json, regex, choice, grammar or json_object")
+        if self.choice is not None and any(not c for c in self.choice):
+            raise ValueError("choice entries must be non-empty strings")
+        return self
 
 
 class SamplingRequest(StrictModel):
@@ -49,6 +75,9 @@ class SamplingRequest(StrictModel):
         max_length=256,
         description="vLLM's prefix-cache salt: only requests with the same salt (and key, "
         "adapter weights and tokens) share cached prompt blocks",
+    )
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM's output constraint: json (a schema), regex, choice or grammar"
     )
     # accepted at their neutral value only
     presence_penalty: float | None = None
@@ -141,23 +170,36 @@ class CompletionRequest(SamplingRequest):
         return list(self.prompt)  # type: ignore[arg-type]
 
 
+class FunctionCall(StrictModel):
+    """A call the assistant made: the function's name and its arguments as a JSON string."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    arguments: str
+
+
+class MessageToolCall(StrictModel):
+    """One entry of an assistant message's `tool_calls`."""
+
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(StrictModel):
-    """One chat message; content is a string or a list of text parts."""
+    """One chat message; content is a string or a list of text parts (absent for an assistant
+    message that only calls tools)."""
 
-    role: str
-    content: str | list[dict[str, Any]]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
     name: str | None = None
-
-    @field_validator("role")
-    @classmethod
-    def _check_role(cls, value: str) -> str:
-        if value not in ("system", "developer", "user", "assistant"):
-            raise ValueError("role must be system, developer, user or assistant")
-        return value
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
 
     @field_validator("content")
     @classmethod
-    def _check_parts(cls, value: str | list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    def _check_parts(
+        cls, value: str | list[dict[str, Any]] | None
+    ) -> str | list[dict[str, Any]] | None:
         if isinstance(value, list):
             for part in value:
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):
@@ -166,13 +208,81 @@ class ChatMessage(StrictModel):
                     raise ValueError("text content parts take only `type` and `text`")
         return value
 
-    def template_dict(self) -> dict[str, str]:
-        """The message as the chat template expects it (text parts joined)."""
+    @model_validator(mode="after")
+    def _check_role_fields(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (except on an assistant message with tool_calls)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
+
+    def template_dict(self) -> dict[str, Any]:
+        """The message as loader.chat.render_chat takes it (text parts joined)."""
         text = self.content
         if isinstance(text, list):
             text = "".join(part["text"] for part in text)
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": text}
+        message: dict[str, Any] = {"role": role, "content": text}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class JsonSchemaFormat(StrictModel):
+    """`response_format.json_schema`."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ResponseFormat(StrictModel):
+    """OpenAI's `response_format`: text, any JSON object, or JSON valid against a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only then")
+        return self
+
+
+class FunctionDefinition(StrictModel):
+    """A function the model may call."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(StrictModel):
+    """One entry of `tools`."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(StrictModel):
+    """The function a named tool_choice forces."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+
+
+class NamedToolChoice(StrictModel):
+    """`tool_choice: {type: function, function: {name}}`."""
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -182,29 +292,15 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    # accepted at their neutral value only
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value != {"type": "text"}:
-            raise ValueError("only {type: text} is supported")
-        return value
 
     @field_validator("tools")
     @classmethod
-    def _no_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        if value:
-            raise ValueError("tool calling is not supported")
-        return value
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, value: str | None) -> str | None:
-        if value not in (None, "none"):
-            raise ValueError("tool calling is not supported; only `none` is accepted")
+    def _unique_tools(cls, value: list[Tool] | None) -> list[Tool] | None:
+        names = [tool.function.name for tool in value or []]
+        if len(names) != len(set(names)):
+            raise ValueError("tool function names must be unique")
         return value

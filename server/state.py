@@ -6,6 +6,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from fastapi import Request
@@ -15,6 +16,7 @@ from server.auth import current_key
 from server.engine.types import SamplingParams
 from server.generation import Generation
 from server.metrics import Metrics
+from server.structured import Grammars
 from server.translate import resolve_model
 
 
@@ -36,6 +38,13 @@ class ServerState:
     def tokenizer(self) -> Any:
         """The base model's tokenizer (chat template, detokenization)."""
         return self.engine.base.tokenizer
+
+    @cached_property
+    def grammars(self) -> Grammars:
+        """The structured-output grammar compiler over the base tokenizer and the engine's EOS."""
+        head = self.engine.base.model.get_output_embeddings()  # its rows are the logits' columns
+        vocab = getattr(head, "out_features", None) or head.weight.shape[0]
+        return Grammars(self.tokenizer, vocab, self.engine.core.eos_ids, self.config)
 
     def generation(
         self,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from loader.chat import render_chat
 from server.engine.types import SamplingParams
 from server.errors import APIError
 from server.schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, SamplingRequest
@@ -31,8 +32,11 @@ def check_common(req: SamplingRequest) -> None:
         )
 
 
-def sampling_params(req: SamplingRequest, max_tokens: int, logprobs: int | None) -> SamplingParams:
-    """The engine parameters of one choice (before its per-choice seed offset)."""
+def sampling_params(
+    req: SamplingRequest, max_tokens: int, logprobs: int | None, grammar: Any = None
+) -> SamplingParams:
+    """The engine parameters of one choice (before its per-choice seed offset); grammar: a
+    compiled grammar the output must follow."""
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
@@ -40,6 +44,7 @@ def sampling_params(req: SamplingRequest, max_tokens: int, logprobs: int | None)
         top_k=max(req.top_k or 0, 0),
         seed=req.seed,
         logprobs=logprobs,
+        grammar=grammar,
     )
 
 
@@ -69,11 +74,13 @@ def encode_completion_prompts(tokenizer: Any, req: CompletionRequest) -> list[li
     return encoded
 
 
-def encode_chat(tokenizer: Any, req: ChatCompletionRequest) -> list[int]:
-    """The messages rendered by the base's chat template with the generation prompt, as token ids."""
+def encode_chat(
+    tokenizer: Any, req: ChatCompletionRequest, tools: list[dict[str, Any]] | None = None
+) -> list[int]:
+    """The messages (and tools) rendered for the base with the generation prompt, as token ids."""
     messages = [m.template_dict() for m in req.messages]
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = render_chat(tokenizer, messages, tools)
     except Exception as error:  # the template rejects this conversation (e.g. role order)
         raise APIError(
             f"the chat template rejected the messages: {error}", 400, "invalid_value", "messages"

@@ -16,6 +16,7 @@ from loader.architecture import inspect_architecture
 from loader.config import Config
 from loader.model import BaseModel
 from server.engine.cuda_graphs import DecodeGraphs
+from server.engine.grammar import advance, constrain
 from server.engine.kv_cache import KVCache
 from server.engine.runner import ModelRunner
 from server.engine.sampler import sample
@@ -200,7 +201,11 @@ class EngineCore:
             self._fail(s, "non-finite logits") for s, ok in zip(seqs, finite, strict=True) if not ok
         ]
         rows = [i for i, ok in enumerate(finite) if ok]
-        for seq, drawn in zip(healthy, sample(logits[rows], healthy), strict=True):
+        raw = logits[rows]  # [N, V]
+        for seq, drawn in zip(healthy, sample(constrain(raw, healthy), healthy, raw), strict=True):
+            if not advance(seq, drawn.token_id):
+                outputs.append(self._fail(seq, "the grammar refused the sampled token"))
+                continue
             outputs.append(self._append(seq, drawn.token_id, drawn.logprob, drawn.top_logprobs))
         return outputs
 

@@ -35,11 +35,16 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[Sample]:
-    """One token per row of logits [N, V] (float32), each with its sequence's own parameters."""
+def sample(
+    logits: torch.Tensor, seqs: list[Sequence], raw: torch.Tensor | None = None
+) -> list[Sample]:
+    """One token per row of logits [N, V] (float32), each with its sequence's own parameters;
+    logprobs are those of raw [N, V] (the model's logits before any grammar mask), else of
+    logits, before temperature and top-k/top-p."""
     greedy_ids = logits.argmax(-1).tolist()  # [N]
     want_logprobs = any(s.params.logprobs is not None for s in seqs)
-    logprobs = torch.log_softmax(logits, -1) if want_logprobs else None  # [N, V]
+    source = logits if raw is None else raw
+    logprobs = torch.log_softmax(source, -1) if want_logprobs else None  # [N, V]
     samples = []
     for row, seq in enumerate(seqs):
         params = seq.params

@@ -5,8 +5,10 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import xgrammar as xgr
 
 from server.engine.types import SamplingParams
 
@@ -45,8 +47,11 @@ class Sequence:
     block_keys: list[bytes] = field(default_factory=list)
     cached_blocks: int = 0
     cached_tokens: int | None = None
+    matcher: Any = None  # xgrammar.GrammarMatcher of a constrained request (its state so far)
 
     def __post_init__(self) -> None:
+        if self.params.grammar is not None:
+            self.matcher = xgr.GrammarMatcher(self.params.grammar)
         if not self.params.greedy:
             self.generator = torch.Generator()
             if self.params.seed is not None:

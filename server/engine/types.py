@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class EngineError(RuntimeError):
@@ -26,6 +27,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    # an xgrammar.CompiledGrammar: every sampled token must keep the output inside it, and the
+    # request stops when the grammar is complete (its only next token is an end of sequence)
+    grammar: Any = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -112,15 +112,16 @@ def test_completion_invalid_parameters_are_400_naming_the_field(http, fields, pa
     ("fields", "param"),
     [
         ({"messages": [{"role": "user", "content": "hi", "foo": 1}]}, "messages.0.foo"),
-        ({"messages": [{"role": "tool", "content": "hi"}]}, "messages.0.role"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+        ({"messages": [{"role": "tool", "content": "hi"}]}, "messages.0"),  # no tool_call_id
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
             "messages.0.content",
         ),
         ({"messages": []}, "messages"),
         ({"top_logprobs": 2}, "top_logprobs"),
-        ({"tools": [{"type": "function"}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function"}]}, "tools.0.function"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
         ({"max_completion_tokens": 0}, "max_completion_tokens"),
     ],
 )
