@@ -2,7 +2,9 @@
 
 Unknown fields are refused (extra="forbid"; the error handler names the field). Fields that loraplex does
 not implement but that clients commonly send at their neutral value (presence_penalty=0, echo=false, ...)
-are accepted at that value only, and refused with a 400 naming them otherwise.
+are accepted at that value only, and refused with a 400 naming them otherwise. Output constraints and
+tools (response_format, structured_outputs, tools, tool_choice) are resolved by server/structured.py
+and server/tool_calls.py.
 """
 
 from __future__ import annotations
