@@ -166,6 +166,23 @@ def test_n_choices_with_logprobs_all_validate(srv):
         assert all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in entries)
 
 
+def test_stop_strings_cut_constrained_output(srv):
+    full, reason, _ = chat(
+        srv, srv.base, response_format=person_format(), temperature=0, max_tokens=80
+    )
+    assert reason == "stop" and '"age"' in full
+    cut, reason, _ = chat(
+        srv,
+        srv.base,
+        True,
+        response_format=person_format(),
+        temperature=0,
+        max_tokens=80,
+        stop=['"age"'],
+    )
+    assert reason == "stop" and cut == full[: full.index('"age"')]
+
+
 def test_regex_and_choice_on_completions_and_chat(srv):
     pattern = r"[A-Z][a-z]{2,8} \d{1,3}"
     choices = ["positive", "negative", "neutral"]
