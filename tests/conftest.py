@@ -240,3 +240,33 @@ def engine_waves():
 def peft_oracle() -> PeftOracle:
     """The PEFT comparison (test modules cannot import conftest, so they take it as a fixture)."""
     return PeftOracle()
+
+
+# a tool-calling adapter: trained once, checked with PEFT (tests/adapters/train) and served
+# (tests/server/test_tool_adapter.py) ------------------------------------------------------------
+# 24 chats, 8 steps of batch 4 at lr 1e-3, no eval split: ~70 s on 2 busy CPU cores. The bare base
+# calls the tool for none of the held-out prompts; 6 steps already got all of them.
+TOOL_TRAIN_CHATS = 24
+TOOL_TRAIN_ARGS = ["--max-steps", "8", "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "1"]
+TOOL_TRAIN_ARGS += ["--eval-split", "0", "--save-every", "0"]
+
+
+@pytest.fixture(scope="session")
+def weather_adapter(
+    tmp_path_factory: pytest.TempPathFactory, demo_path: Path
+) -> tuple[Path, float]:
+    """A get_weather adapter trained by `loraplex train` on tool-call chats (and its wall time in
+    seconds); tests/adapters/train/tool_chats.py writes the chats."""
+    import time
+
+    from server.cli import main
+    from tests.adapters.train.tool_chats import write_tool_chats
+
+    folder = tmp_path_factory.mktemp("tools")
+    data = folder / "weather.jsonl"
+    write_tool_chats(data, TOOL_TRAIN_CHATS, seed=0)
+    out = folder / "weather"
+    argv = ["train", "--model", str(demo_path), "--data", str(data), "--out", str(out)]
+    start = time.perf_counter()
+    assert main(argv + TOOL_TRAIN_ARGS) == 0
+    return out, time.perf_counter() - start

@@ -1,7 +1,14 @@
 """Training data: JSONL in chat, prompt/completion or plain-text form, tokenized with loss masks.
 
 Forms, one JSON object per line:
-- {"messages": [{"role", "content"}, ...]}: the base's chat template; loss on assistant turns only.
+- {"messages": [{"role", "content"}, ...], "tools"?: [...]}: rendered by loader.chat.render_chat
+  (the base's chat template; with tools, the template's own tool format when it has one, else
+  Hermes <tool_call> blocks); loss on assistant turns only, their tool calls included (tool
+  results and the tools prompt are context). OpenAI's shapes: `tools` is a list of
+  {"type": "function", "function": {"name", "description"?, "parameters"?}}; an assistant message
+  may carry `tool_calls` [{"id", "type": "function", "function": {"name", "arguments": JSON string
+  of an object}}] with `content` missing or null; a `tool` message has a string `content` and the
+  `tool_call_id` of an earlier call.
 - {"prompt": str, "completion": str}: raw text; loss on the completion (plus end of sequence) only.
 - {"text": str}: raw text; loss on every token (plus end of sequence).
 Bad lines are collected with their line numbers; blank lines are skipped.
@@ -18,6 +25,8 @@ from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from loader.chat import render_chat
 
 log = logging.getLogger("loraplex.train")
 
@@ -69,6 +78,83 @@ class Dataset:
         }
 
 
+def _check_tools(tools: object) -> None:
+    """A record's optional `tools`: OpenAI function tools; raises ValueError naming the problem."""
+    if tools is None:
+        return
+    if not isinstance(tools, list):
+        raise ValueError("'tools' must be a list of function tools")
+    names: set[str] = set()
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise ValueError(f'tool {i} must be an object with "type": "function"')
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise ValueError(f"tool {i} needs a 'function' object")
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"tool {i} needs a non-empty string 'function.name'")
+        if name in names:
+            raise ValueError(f"tool {i}: function name {name!r} is listed twice")
+        names.add(name)
+        if not isinstance(function.get("description", ""), str):
+            raise ValueError(f"tool {i} ({name}): 'description' must be a string")
+        if not isinstance(function.get("parameters", {}), dict):
+            raise ValueError(f"tool {i} ({name}): 'parameters' must be a JSON schema object")
+
+
+def _check_call(i: int, j: int, call: object) -> str:
+    """Tool call j of message i; returns its id, raises ValueError naming the problem."""
+    where = f"message {i} tool call {j}"
+    if not isinstance(call, dict):
+        raise ValueError(f"{where} must be an object")
+    if not isinstance(call.get("id"), str) or not call["id"]:
+        raise ValueError(f"{where} needs a non-empty string 'id'")
+    if call.get("type", "function") != "function":
+        raise ValueError(f'{where}: "type" must be "function"')
+    function = call.get("function")
+    if not isinstance(function, dict):
+        raise ValueError(f"{where} needs a 'function' object")
+    if not isinstance(function.get("name"), str) or not function["name"]:
+        raise ValueError(f"{where} needs a non-empty string 'function.name'")
+    arguments = function.get("arguments")
+    if not isinstance(arguments, str):
+        raise ValueError(f"{where}: 'function.arguments' must be a JSON string")
+    try:
+        parsed = json.loads(arguments)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: 'function.arguments' is not valid JSON ({error.msg})") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{where}: 'function.arguments' must encode a JSON object")
+    return call["id"]
+
+
+def _check_message(i: int, m: object, call_ids: set[str]) -> None:
+    """Message i of a chat; call_ids collects the tool-call ids seen so far."""
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+        raise ValueError(f"message {i} needs a 'role' in {ROLES}")
+    calls = m.get("tool_calls")
+    if calls is not None:
+        if m["role"] != "assistant":
+            raise ValueError(f"message {i}: only assistant messages may have 'tool_calls'")
+        if not isinstance(calls, list) or not calls:
+            raise ValueError(f"message {i}: 'tool_calls' must be a non-empty list")
+        call_ids.update(_check_call(i, j, call) for j, call in enumerate(calls))
+        if m.get("content") is not None and not isinstance(m["content"], str):
+            raise ValueError(f"message {i}: 'content' must be a string or null")
+        return
+    if not isinstance(m.get("content"), str):
+        raise ValueError(f"message {i} needs a string 'content'")
+    if m["role"] == "tool":
+        call_id = m.get("tool_call_id")
+        if not isinstance(call_id, str) or not call_id:
+            raise ValueError(f"message {i} (tool result) needs a string 'tool_call_id'")
+        if call_id not in call_ids:
+            raise ValueError(
+                f"message {i}: tool_call_id {call_id!r} matches no earlier assistant tool call"
+            )
+
+
 def _form(record: object) -> str:
     """Which of the three forms record is; raises ValueError naming the problem."""
     if not isinstance(record, dict):
@@ -84,15 +170,16 @@ def _form(record: object) -> str:
             + (f"; found {forms}" if forms else "")
         )
     form = forms[0]
+    if "tools" in record and form != "messages":
+        raise ValueError("'tools' only applies to the 'messages' form")
     if form == "messages":
+        _check_tools(record.get("tools"))
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
             raise ValueError("'messages' must be a non-empty list")
+        call_ids: set[str] = set()
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ROLES:
-                raise ValueError(f"message {i} needs a 'role' in {ROLES}")
-            if not isinstance(m.get("content"), str):
-                raise ValueError(f"message {i} needs a string 'content'")
+            _check_message(i, m, call_ids)
         if not any(m["role"] == "assistant" for m in messages):
             raise ValueError("no assistant message to learn from")
     elif form == "prompt":
@@ -106,9 +193,13 @@ def _form(record: object) -> str:
     return form
 
 
-def _chat_ids(tok: PreTrainedTokenizerBase, messages: list[dict], generation: bool) -> list[int]:
-    out = tok.apply_chat_template(messages, add_generation_prompt=generation, return_dict=True)
-    return list(out["input_ids"])
+def _chat_ids(
+    tok: PreTrainedTokenizerBase, messages: list[dict], tools: list[dict] | None, generation: bool
+) -> list[int]:
+    """Token ids of a chat as served: render_chat's text, tokenized without added specials (what
+    apply_chat_template(tokenize=True) does, so plain chats get the same ids)."""
+    text = render_chat(tok, messages, tools, add_generation_prompt=generation)
+    return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
 def _turn_end(ids: list[int], start: int, stop: int, eos: int | None) -> int:
@@ -129,14 +220,14 @@ def tokenize(record: dict, form: str, tok: PreTrainedTokenizerBase) -> tuple[lis
         prompt = tok(record["prompt"])["input_ids"]
         completion = tok(record["completion"], add_special_tokens=False)["input_ids"] + [eos]
         return prompt + completion, [IGNORE] * len(prompt) + completion
-    messages = record["messages"]
-    ids = _chat_ids(tok, messages, generation=False)
+    messages, tools = record["messages"], record.get("tools") or None
+    ids = _chat_ids(tok, messages, tools, generation=False)
     labels = [IGNORE] * len(ids)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _chat_ids(tok, messages[:i], generation=True)
-        through = _chat_ids(tok, messages[: i + 1], generation=False)
+        before = _chat_ids(tok, messages[:i], tools, generation=True)
+        through = _chat_ids(tok, messages[: i + 1], tools, generation=False)
         if ids[: len(through)] != through or through[: len(before)] != before:
             raise ValueError("the chat template does not render turns as stable prefixes")
         end = _turn_end(through, len(before), len(through), eos)
