@@ -211,9 +211,6 @@ def tool_use(req: ChatCompletionRequest, parser: str) -> ToolUse:
     choice = req.tool_choice or ("auto" if tools else "none")
     if choice != "none" and not tools:
         raise APIError("tool_choice needs tools", 400, "invalid_value", "tool_choice")
-    for tool in tools:
-        if "parameters" in tool["function"]:
-            check_schema(tool["function"]["parameters"], "tools")
     if choice == "none":
         return ToolUse(tools)
     if choice == "auto":
@@ -230,14 +227,23 @@ def tool_use(req: ChatCompletionRequest, parser: str) -> ToolUse:
                 "tool_choice",
             )
         forced = {"type": "function", "function": {"name": name}}
-    tag = xgr.get_model_structural_tag(
-        STRUCTURAL_TAG_MODELS[parser],
-        tools=tools,
-        tool_choice=forced,
-        reasoning="disabled",
-        max_whitespace_cnt=MAX_WHITESPACE,
-        parallel_tool_calls=req.parallel_tool_calls is not False,
-    )
+    for tool in tools:  # the arguments of a forced call are generated under these schemas
+        if "parameters" in tool["function"]:
+            check_schema(tool["function"]["parameters"], "tools")
+    # strict: false would make xgrammar leave the arguments unconstrained; they always follow
+    # their schema here
+    schemas = [{**t, "function": {**t["function"], "strict": True}} for t in tools]
+    try:
+        tag = xgr.get_model_structural_tag(
+            STRUCTURAL_TAG_MODELS[parser],
+            tools=schemas,
+            tool_choice=forced,
+            reasoning="disabled",
+            max_whitespace_cnt=MAX_WHITESPACE,
+            parallel_tool_calls=req.parallel_tool_calls is not False,
+        )
+    except ValueError as error:
+        raise APIError(f"tools cannot be forced: {error}", 400, "invalid_value", "tools") from None
     if isinstance(tag.format, TriggeredTagsFormat):  # required: calls only, no text around them
         fmt = tag.format
         tag.format = TagsWithSeparatorFormat(

@@ -312,7 +312,12 @@ def test_tool_history_is_accepted(srv):
             "tool_choice",
         ),
         (
-            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"if": {}}}}]},
+            {
+                "tools": [
+                    {"type": "function", "function": {"name": "f", "parameters": {"if": {}}}}
+                ],
+                "tool_choice": "required",
+            },
             "tools",
         ),
         (
