@@ -26,7 +26,13 @@ import torch
 from tqdm import tqdm
 
 from bench.engine_systems import run_engine
-from bench.workload import BenchRequest, adapter_name, make_adapters, make_prompts
+from bench.workload import (
+    BenchRequest,
+    adapter_name,
+    add_output_arguments,
+    make_adapters,
+    make_prompts,
+)
 from loader.config import Config
 from server.engine.core import EngineCore
 
@@ -58,17 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="4 adapters x 4 requests, 256-token system prompts"
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads (default 1: stable on a shared machine; 0: torch's default)",
-    )
-    parser.add_argument("--results", type=Path, default=Path("results"), help="output folder")
-    parser.add_argument("--json", type=Path, default=None, help="default: RESULTS/prefix.json")
-    parser.add_argument(
-        "--adapters-dir", type=Path, default=Path("results/bench-adapters"), help="adapter cache"
-    )
+    add_output_arguments(parser, "prefix")
 
 
 @dataclass

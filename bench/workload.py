@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from dataclasses import dataclass
@@ -21,6 +22,21 @@ class BenchRequest:
     request_id: str
     prompt_ids: list[int]
     adapter_index: int | None
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """--threads, --results, --json and --adapters-dir, shared by the single-engine benchmarks."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: stable on a shared machine; 0: torch's default)",
+    )
+    parser.add_argument("--results", type=Path, default=Path("results"), help="output folder")
+    parser.add_argument("--json", type=Path, default=None, help=f"default: RESULTS/{name}.json")
+    parser.add_argument(
+        "--adapters-dir", type=Path, default=Path("results/bench-adapters"), help="adapter cache"
+    )
 
 
 def adapter_name(index: int) -> str:
