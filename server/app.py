@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from loader.config import Config
@@ -27,10 +28,13 @@ def create_app(engine: Any, config: Config) -> FastAPI:
     app.include_router(openai_router)
     app.include_router(admin_router)
 
-    @app.get("/health", response_model=Health)
-    async def health() -> dict[str, str]:
-        """200 while the server is up."""
-        return {"status": "ok"}
+    @app.get("/health", response_model=Health, responses={503: {"model": Health}})
+    async def health() -> Response:
+        """200 while the engine's step loop runs; 503 with the reason once it has died (the
+        process then exits non-zero, for a supervisor to restart it)."""
+        if engine.dead is not None:
+            return JSONResponse({"status": "dead", "reason": engine.dead}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def prometheus_metrics(request: Request) -> Response:

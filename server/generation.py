@@ -45,6 +45,7 @@ class ChoiceDelta:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    error_code: str | None = None  # machine-readable reason of an "error" finish, when known
 
 
 @dataclass
@@ -206,7 +207,8 @@ class Generation:
         if item.finish_reason is not None:
             text += state.stops.feed(state.detok.flush())
             reason = "stop" if state.stops.stopped else item.finish_reason
-            return self._finish(index, reason, text + state.stops.flush(), logprobs, item.error)
+            rest = text + state.stops.flush()
+            return self._finish(index, reason, rest, logprobs, item.error, item.error_code)
         return ChoiceDelta(index, text, logprobs)
 
     def _finish(
@@ -216,10 +218,11 @@ class Generation:
         text: str,
         logprobs: list[TokenLogprob],
         error: str | None = None,
+        error_code: str | None = None,
     ) -> ChoiceDelta:
         self.states[index].finish_reason = reason
         self._abort(index)
-        return ChoiceDelta(index, text, logprobs, reason, error)
+        return ChoiceDelta(index, text, logprobs, reason, error, error_code)
 
     def _observe(self, state: ChoiceState) -> None:
         now = time.monotonic()

@@ -160,9 +160,10 @@ class ModelList(BaseModel):
 
 
 class Health(BaseModel):
-    """GET /health."""
+    """GET /health: ok, or dead with the reason the engine stopped."""
 
-    status: str
+    status: Literal["ok", "dead"]
+    reason: str | None = None
 
 
 def documented(ok: type[BaseModel] | None, *errors: int, stream: bool = False) -> dict:

@@ -18,6 +18,9 @@ from server.shutdown import DrainingServer
 log = logging.getLogger("loraplex.serve")
 
 GRACEFUL_SHUTDOWN_S = 5
+EXIT_ENGINE_DEAD = 70  # EX_SOFTWARE: the engine died; restart the process
+DEAD_POLL_S = 0.1
+DEAD_DRAIN_S = 2.0  # after the engine died: time for the error responses to reach their clients
 
 
 def load_adapters_dir(engine: Any, folder: str | None) -> list[str]:
@@ -50,14 +53,29 @@ async def run_http(app: Any, config: Config, ready: str) -> int:
         app.state.loraplex.engine,
         config.shutdown_grace_s,
     )
+    engine = app.state.loraplex.engine
     task = asyncio.create_task(server.serve())
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
     if server.started:
         port = server.servers[0].sockets[0].getsockname()[1]
         log.info("ready: %s %s", url_of(config.host, port), ready)
+    watchdog = asyncio.create_task(exit_when_dead(engine, server))
     await task
+    watchdog.cancel()
+    if engine.dead is not None:
+        return EXIT_ENGINE_DEAD
     return 0 if server.started else 1
+
+
+async def exit_when_dead(engine: Any, server: DrainingServer) -> None:
+    """Once the engine's loop has died, let the error responses flush, then stop serving (the
+    process exits non-zero so a supervisor restarts it)."""
+    while engine.dead is None:
+        await asyncio.sleep(DEAD_POLL_S)
+    log.critical("engine dead (%s): exiting in %.0f s", engine.dead, DEAD_DRAIN_S)
+    await asyncio.sleep(DEAD_DRAIN_S)
+    server.should_exit = True
 
 
 def serve(config: Config) -> int:

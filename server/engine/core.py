@@ -172,6 +172,10 @@ class EngineCore:
         self.scheduler.finish(seq)
         return TokenOutput(request_id, None, "abort", prompt_tokens=len(seq.prompt_ids))
 
+    def fail_all(self, message: str) -> list[TokenOutput]:
+        """End every waiting and running request with an error (after a step failed midway)."""
+        return [self._fail(seq, message) for seq in list(self.seqs.values())]
+
     def has_work(self) -> bool:
         """Whether any request is waiting or running."""
         return bool(self.scheduler.waiting or self.scheduler.running)

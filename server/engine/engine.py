@@ -15,9 +15,12 @@ from adapters.watch import AdapterDirWatcher, ScanResult
 from loader.config import Config
 from loader.model import BaseModel
 from server.engine.core import EngineCore
+from server.engine.faults import Faults
 from server.engine.types import EngineError, EngineStats, SamplingParams, TokenOutput
 
 log = logging.getLogger("loraplex.engine")
+
+MAX_STEP_FAILURES = 3  # consecutive failed steps after which the engine is declared dead
 
 
 class AsyncEngine:
@@ -37,6 +40,8 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._pending = 0
         self.registry.on_loaded = self._wake.set
+        self.faults = Faults.from_env()  # test-only fault injection (server/engine/faults.py)
+        self.dead: str | None = None  # why the step loop died, once it has
 
     # lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -57,20 +62,58 @@ class AsyncEngine:
             self._thread.join(timeout=30)
 
     def _loop(self) -> None:
+        try:
+            self._run()
+        except BaseException as error:  # noqa: BLE001 - the loop is lost: say so, fail everyone
+            log.critical("engine loop died", exc_info=error)
+            self._die(f"{type(error).__name__}: {error}")
+
+    def _run(self) -> None:
         core = self.core
+        failures = 0
         while not self._stop.is_set():
             while not self._inbox.empty():
-                self._inbox.get()()
+                self._call(self._inbox.get())
             if not core.has_work():
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
             steps = core.steps
-            for out in core.step():
+            try:
+                self.faults.before_step(steps + 1)
+                outputs = core.step()
+                failures = 0
+            except Exception as error:  # noqa: BLE001 - fail the requests in the engine, go on
+                failures += 1
+                if failures >= MAX_STEP_FAILURES:
+                    raise
+                log.exception(
+                    "a step failed; failing the %d requests in the engine", len(core.seqs)
+                )
+                outputs = core.fail_all(f"internal error: {error}")
+            for out in outputs:
                 self._deliver(out)
             if core.steps == steps:  # nothing runnable: waiting on adapter loads or slots
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()
+
+    @staticmethod
+    def _call(job: Callable[[], None]) -> None:
+        """Run an inbox job; one that raises is logged and the loop goes on."""
+        try:
+            job()
+        except Exception:  # noqa: BLE001
+            log.exception("an engine inbox job failed")
+
+    def _die(self, reason: str) -> None:
+        """Mark the engine dead and end every open stream with an engine_dead error."""
+        self.dead = reason
+        for request_id in list(self._streams):
+            self._deliver(self._dead_output(request_id))
+
+    def _dead_output(self, request_id: str) -> TokenOutput:
+        message = f"the engine is dead ({self.dead}); the server is restarting"
+        return TokenOutput(request_id, None, "error", error=message, error_code="engine_dead")
 
     def _deliver(self, out: TokenOutput) -> None:
         stream = self._streams.get(out.request_id)
@@ -127,6 +170,8 @@ class AsyncEngine:
     ) -> AsyncIterator[TokenOutput]:
         """Stream a request's tokens; the last output carries its finish_reason. Cached prefixes
         are shared only within one cache_namespace."""
+        if self.dead is not None:
+            raise EngineError(self._dead_output(request_id).error or "", "engine_dead", 503)
         self.core.check_request(prompt_ids, adapter, params)
         if len(self.core.scheduler.waiting) + self._pending >= self.config.max_waiting:
             raise EngineError("The server is overloaded; retry later.", "overloaded", 429)
@@ -147,6 +192,8 @@ class AsyncEngine:
 
         self._inbox.put(add)
         self._wake.set()
+        if self.dead is not None:  # died after the check above: nobody will take the request
+            self._deliver(self._dead_output(request_id))
         finished = False
         try:
             while True:

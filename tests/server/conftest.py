@@ -32,10 +32,13 @@ def adapters_dir(peft_adapters: dict[str, Path]) -> Path:
 
 
 @contextmanager
-def serve_process(args: list[str], log_path: Path) -> Iterator[SimpleNamespace]:
-    """`loraplex serve ARGS` on a free loopback port while the block runs: url, log, proc."""
+def serve_process(
+    args: list[str], log_path: Path, env: dict[str, str] | None = None
+) -> Iterator[SimpleNamespace]:
+    """`loraplex serve ARGS` (with env added to the environment) on a free loopback port while the
+    block runs: url, log, proc."""
     command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0"]
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1", **(env or {})}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([*command, *args], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:

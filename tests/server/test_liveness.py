@@ -1,0 +1,55 @@
+"""Engine liveness on a real `loraplex serve` with test-only fault injection
+(LORAPLEX_FAULT_INJECTION, server/engine/faults.py): an exception escaping a step fails the
+requests in the engine and the server goes on; a dead step loop turns /health red at once, ends
+the open stream with an engine_dead error event and [DONE], refuses new requests with 503
+engine_dead, and the process exits non-zero so a supervisor restarts it."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+
+from server.engine.faults import ENV
+from server.serve import EXIT_ENGINE_DEAD
+
+# step 2 fails (the first request's first decode); the loop dies before step 40 (mid-stream)
+FAULTS = "step@2,loop@40"
+
+
+def complete(url: str, model: str, max_tokens: int) -> httpx.Response:
+    body = {"model": model, "prompt": "Count: 1, 2,", "max_tokens": max_tokens, "temperature": 0}
+    return httpx.post(url + "/v1/completions", json=body, timeout=60)
+
+
+def test_failed_step_then_dead_loop(launch_server, demo_path: Path, tmp_path: Path):
+    with launch_server(["--model", str(demo_path)], tmp_path / "server.log", {ENV: FAULTS}) as srv:
+        base = httpx.get(srv.url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        failed = complete(srv.url, base, 8)  # prefilled at step 1; step 2 raises
+        assert failed.status_code == 500, failed.text
+        assert failed.json()["error"]["code"] == "internal_error"
+        assert httpx.get(srv.url + "/health", timeout=5).status_code == 200
+        assert complete(srv.url, base, 2).status_code == 200  # the loop went on
+
+        body = {"model": base, "prompt": "Once upon a time", "max_tokens": 100, "stream": True}
+        events = []
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as stream:
+            assert stream.status_code == 200
+            for line in stream.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[len("data: ") :])
+        ended = time.monotonic()
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["code"] == "engine_dead" and "injected loop death" in error["message"]
+        assert any("choices" in json.loads(e) for e in events[:-2])  # tokens came before
+
+        health = httpx.get(srv.url + "/health", timeout=5)
+        assert health.status_code == 503 and time.monotonic() - ended < 1.0
+        assert health.json()["status"] == "dead" and "injected" in health.json()["reason"]
+        refused = complete(srv.url, base, 2)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_dead"
+        assert srv.proc.wait(timeout=30) == EXIT_ENGINE_DEAD
+    assert "engine loop died" in (tmp_path / "server.log").read_text()
