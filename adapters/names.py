@@ -8,18 +8,20 @@ from pathlib import Path
 
 from adapters.errors import AdapterError
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# 1 to 64 of [A-Za-z0-9._-], not starting with "." (so never "." or ".."; hidden folders are not
+# adapters); the JSON Schema pattern of the adapter routes' names
+NAME_REGEX = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$"
+NAME_PATTERN = re.compile(NAME_REGEX)
 
 
 def validate_name(name: str, base_id: str) -> str:
-    """The name, if valid: 1 to 64 of [A-Za-z0-9._-], neither "." nor "..", nor the base's id."""
+    """The name, if valid: NAME_REGEX, and not the base's id."""
     if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None:
         raise AdapterError(
-            f"invalid adapter name {name!r}: use 1 to 64 characters from A-Z a-z 0-9 . _ -",
+            f"invalid adapter name {name!r}: use 1 to 64 characters from A-Z a-z 0-9 . _ -, "
+            "not starting with '.'",
             "invalid_adapter_name",
         )
-    if name in (".", ".."):
-        raise AdapterError(f"invalid adapter name {name!r}", "invalid_adapter_name")
     if name == base_id:
         raise AdapterError(
             f"invalid adapter name {name!r}: it is the base model's id", "invalid_adapter_name"

@@ -46,9 +46,15 @@ def renders_tools(tokenizer: Any) -> bool:
 
 
 def call_arguments(call: dict[str, Any]) -> Any:
-    """A tool call's arguments as a value (OpenAI sends them as a JSON string)."""
+    """A tool call's arguments as a value (OpenAI sends them as a JSON string; text that is not
+    JSON is kept as the string the model is shown)."""
     arguments = call["function"].get("arguments") or "{}"
-    return json.loads(arguments) if isinstance(arguments, str) else arguments
+    if not isinstance(arguments, str):
+        return arguments
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments
 
 
 def hermes_call(name: str, arguments: Any) -> str:

@@ -11,13 +11,14 @@ import asyncio
 
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
+from adapters.names import NAME_REGEX
 from server.response_schemas import documented
 from server.state import get_state
 
 ADMIN_RESPONSES = {  # vLLM's plain-text success line; errors in OpenAI's JSON shape
-    **documented(None, 400, 401, 403, 404, 413, 503),
+    **documented(None, 400, 401, 403, 404, 409, 413, 503),
     200: {"description": "Success line", "content": {"text/plain": {"schema": {"type": "string"}}}},
 }
 
@@ -33,8 +34,8 @@ class LoadLoraAdapterRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    lora_name: str
-    lora_path: str
+    lora_name: str = Field(json_schema_extra={"pattern": NAME_REGEX})  # what validate_name accepts
+    lora_path: str = Field(min_length=1)
     load_inplace: bool = True
 
 
@@ -43,7 +44,7 @@ class UnloadLoraAdapterRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    lora_name: str
+    lora_name: str = Field(json_schema_extra={"pattern": NAME_REGEX})  # what validate_name accepts
 
 
 @router.post("/load_lora_adapter", responses=ADMIN_RESPONSES)

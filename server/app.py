@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from loader.config import Config
@@ -15,6 +15,7 @@ from server.errors import install_error_handlers
 from server.guards import Drain, Guard, Limits
 from server.metrics import Metrics, RequestMetricsMiddleware
 from server.openai_routes import router as openai_router
+from server.openapi import state_limits
 from server.response_schemas import Health
 from server.state import ServerState, get_state
 
@@ -36,11 +37,16 @@ def create_app(engine: Any, config: Config) -> FastAPI:
             return JSONResponse({"status": "dead", "reason": engine.dead}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
     async def prometheus_metrics(request: Request) -> Response:
         """Prometheus text exposition of this app's registry."""
         return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    state_limits(app, config.max_n, engine.max_model_len, len(engine.base.tokenizer))
     app.state.drain = Drain()
     limits = Limits(config.max_body_bytes, config.max_n)
     keys = KeyRing(load_keys(config))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,12 +16,23 @@ from server.engine.types import EngineError
 
 log = logging.getLogger("loraplex.http")
 
+# adapter refusals that are not about the request's shape: a missing folder, one outside the allowed
+# roots, a name already loaded (everything else, e.g. bad weights, is a 400)
+ADAPTER_ERROR_STATUS = {
+    "adapter_not_found": 404,
+    "adapter_path_forbidden": 403,
+    "adapter_exists": 409,
+}
+# the member tags pydantic puts in an error's loc for union-typed fields: "constrained-str",
+# "list[constrained-str]", "int", "function-after[...]"
+UNION_MEMBER = re.compile(r"^(constrained-\w+|str|int|float|bool|[\w-]+\[.*\])$")
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    409: "invalid_request_error",
     429: "rate_limit_error",
     500: "internal_error",
     503: "service_unavailable",
@@ -71,6 +83,8 @@ def from_validation_error(error: RequestValidationError) -> APIError:
         return APIError("invalid request", 400, "invalid_request")
     first = details[0]
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if any(UNION_MEMBER.match(part) for part in loc):  # name the field, not the union member
+        loc = loc[: next(i for i, part in enumerate(loc) if UNION_MEMBER.match(part))]
     param = ".".join(loc) or None
     kind = first.get("type", "")
     if kind == "extra_forbidden":
@@ -103,7 +117,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(AdapterError)
     async def on_adapter_error(request: Request, error: AdapterError) -> JSONResponse:
-        status = 404 if error.code == "adapter_not_found" else 400
+        status = ADAPTER_ERROR_STATUS.get(error.code, 400)
         return APIError(str(error), status, error.code).response()
 
     @app.exception_handler(StarletteHTTPException)

@@ -9,7 +9,7 @@ and server/tool_calls.py.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -18,7 +18,28 @@ MAX_CHOICES = 64
 MAX_STOPS = 16
 MAX_TOOLS = 128
 NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function and schema names
-SEED_LIMIT = 2**63 - 1 - MAX_N
+# seeds stay exact as JSON numbers (doubles hold integers up to 2**53), room for n choices' offsets
+SEED_LIMIT = 2**53 - 1 - MAX_N
+NonEmptyText = Annotated[str, Field(min_length=1)]
+NEUTRAL_NUMBER = {"minimum": 0, "maximum": 0}  # the OpenAPI states what the validators accept
+
+
+def only_if(field: str, required: str, value: Any) -> dict[str, Any]:
+    """A JSON Schema rule: a non-null `field` needs `required` equal to value."""
+    return {
+        "if": {"required": [field], "properties": {field: {"not": {"type": "null"}}}},
+        "then": {"required": [required], "properties": {required: {"const": value}}},
+    }
+
+
+STREAM_OPTIONS_RULE = only_if("stream_options", "stream", True)
+TOOLS_RULE = {  # a tool_choice other than none needs tools
+    "if": {
+        "required": ["tool_choice"],
+        "properties": {"tool_choice": {"not": {"enum": ["none", None]}}},
+    },
+    "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}},
+}
 
 
 class StrictModel(BaseModel):
@@ -36,24 +57,26 @@ class StreamOptions(StrictModel):
 class StructuredOutputs(StrictModel):
     """vLLM's `structured_outputs` extra field: exactly one constraint on the output."""
 
-    json_: dict[str, Any] | str | None = Field(
+    json_: dict[str, Any] | str = Field(
         None, alias="json", description="a JSON schema (object or JSON text)"
     )
-    regex: str | None = Field(None, min_length=1)
-    choice: list[str] | None = Field(None, min_length=1, max_length=256)
-    grammar: str | None = Field(None, min_length=1, description="an EBNF grammar (GBNF style)")
-    json_object: bool | None = None
+    regex: str = Field(None, min_length=1)
+    choice: list[Annotated[str, Field(min_length=1)]] = Field(None, min_length=1, max_length=256)
+    grammar: str = Field(None, min_length=1, description="an EBNF grammar (GBNF style)")
+    json_object: Literal[True] = None
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        json_schema_extra={"minProperties": 1, "maxProperties": 1},
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StructuredOutputs:
-        given = [k for k in ("json_", "regex", "choice", "grammar") if getattr(self, k) is not None]
-        given += ["json_object"] if self.json_object else []
+        fields = ("json_", "regex", "choice", "grammar", "json_object")
+        given = [k for k in fields if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of json, regex, choice, grammar or json_object")
-        if self.choice is not None and any(not c for c in self.choice):
-            raise ValueError("choice entries must be non-empty strings")
         return self
 
 
@@ -66,7 +89,7 @@ class SamplingRequest(StrictModel):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)
     n: int | None = Field(None, ge=1, le=MAX_N)
-    stop: str | list[str] | None = None
+    stop: NonEmptyText | Annotated[list[NonEmptyText], Field(max_length=MAX_STOPS)] | None = None
     seed: int | None = Field(None, ge=-SEED_LIMIT, le=SEED_LIMIT)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
@@ -82,19 +105,9 @@ class SamplingRequest(StrictModel):
         None, description="vLLM's output constraint: json (a schema), regex, choice or grammar"
     )
     # accepted at their neutral value only
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
-        stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > MAX_STOPS:
-            raise ValueError(f"at most {MAX_STOPS} stop sequences are supported")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must be non-empty strings")
-        return value
+    presence_penalty: float | None = Field(None, json_schema_extra=NEUTRAL_NUMBER)
+    frequency_penalty: float | None = Field(None, json_schema_extra=NEUTRAL_NUMBER)
+    logit_bias: dict[str, float] | None = Field(None, json_schema_extra={"maxProperties": 0})
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -121,25 +134,26 @@ class SamplingRequest(StrictModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+Prompt = (
+    NonEmptyText
+    | Annotated[list[NonEmptyText], Field(min_length=1)]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(min_length=1)]
+)
 
 
 class CompletionRequest(SamplingRequest):
     """POST /v1/completions."""
 
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"allOf": [STREAM_OPTIONS_RULE]})
+
     prompt: Prompt
     logprobs: int | None = Field(None, ge=0, le=20)
     # accepted at their neutral value only
-    echo: bool | None = None
-    best_of: int | None = None
-    suffix: str | None = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _check_prompt(cls, value: Prompt) -> Prompt:
-        if isinstance(value, list) and not value:
-            raise ValueError("prompt must not be an empty list")
-        return value
+    echo: bool | None = Field(None, json_schema_extra={"enum": [False, None]})
+    best_of: int | None = Field(None, json_schema_extra={"enum": [1, None]})
+    suffix: str | None = Field(None, json_schema_extra={"maxLength": 0})
 
     @field_validator("echo")
     @classmethod
@@ -179,6 +193,13 @@ class FunctionCall(StrictModel):
     arguments: str
 
 
+class TextPart(StrictModel):
+    """A text content part (the only kind supported)."""
+
+    type: Literal["text"]
+    text: str
+
+
 class MessageToolCall(StrictModel):
     """One entry of an assistant message's `tool_calls`."""
 
@@ -188,46 +209,24 @@ class MessageToolCall(StrictModel):
 
 
 class ChatMessage(StrictModel):
-    """One chat message; content is a string or a list of text parts (absent for an assistant
-    message that only calls tools)."""
+    """One chat message; content is a string or a list of text parts (absent: empty, as on an
+    assistant message that only calls tools); a tool result names the call in tool_call_id."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
 
-    @field_validator("content")
-    @classmethod
-    def _check_parts(
-        cls, value: str | list[dict[str, Any]] | None
-    ) -> str | list[dict[str, Any]] | None:
-        if isinstance(value, list):
-            for part in value:
-                if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise ValueError("only text content parts ({type: text, text}) are supported")
-                if set(part) - {"type", "text"}:
-                    raise ValueError("text content parts take only `type` and `text`")
-        return value
-
-    @model_validator(mode="after")
-    def _check_role_fields(self) -> ChatMessage:
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError("content is required (except on an assistant message with tool_calls)")
-        if self.tool_calls and self.role != "assistant":
-            raise ValueError("only assistant messages carry tool_calls")
-        if self.role == "tool" and not self.tool_call_id:
-            raise ValueError("a tool message needs the tool_call_id it answers")
-        return self
-
     def template_dict(self) -> dict[str, Any]:
-        """The message as loader.chat.render_chat takes it (text parts joined)."""
-        text = self.content
+        """The message as loader.chat.render_chat takes it (text parts joined, absent content
+        empty; tool_calls only on assistant messages, the only role that makes calls)."""
+        text = self.content or ""
         if isinstance(text, list):
-            text = "".join(part["text"] for part in text)
+            text = "".join(part.text for part in text)
         role = "system" if self.role == "developer" else self.role
         message: dict[str, Any] = {"role": role, "content": text}
-        if self.tool_calls:
+        if self.tool_calls and self.role == "assistant":
             message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
         if self.tool_call_id:
             message["tool_call_id"] = self.tool_call_id
@@ -289,6 +288,13 @@ class NamedToolChoice(StrictModel):
 
 class ChatCompletionRequest(SamplingRequest):
     """POST /v1/chat/completions."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "allOf": [STREAM_OPTIONS_RULE, only_if("top_logprobs", "logprobs", True), TOOLS_RULE]
+        },
+    )
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)

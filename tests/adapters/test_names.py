@@ -13,14 +13,28 @@ from adapters.names import resolve_inside, validate_name
 BASE_ID = "SmolLM2-135M-Instruct"
 
 
-@pytest.mark.parametrize("name", ["sql", "my-adapter_v1.2", "A" * 64, "a..b", ".hidden"])
+@pytest.mark.parametrize("name", ["sql", "my-adapter_v1.2", "A" * 64, "a..b", "_x.", "-"])
 def test_valid_names_pass(name: str):
     assert validate_name(name, BASE_ID) == name
 
 
 @pytest.mark.parametrize(
     "name",
-    ["", ".", "..", "a/b", "../x", "a\\b", "a b", "A" * 65, "héllo", "x\x00", BASE_ID, None],
+    [
+        "",
+        ".",
+        "..",
+        ".hidden",
+        "a/b",
+        "../x",
+        "a\\b",
+        "a b",
+        "A" * 65,
+        "héllo",
+        "x\x00",
+        BASE_ID,
+        None,
+    ],
 )
 def test_invalid_names_are_refused(name: str):
     with pytest.raises(AdapterError) as error:

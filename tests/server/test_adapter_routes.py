@@ -88,9 +88,9 @@ def test_load_route_refuses_bad_adapters_with_named_errors(live, folders):
     cases = [
         ("../evil", lib / "delta", 400, "invalid_adapter_name"),
         (BASE, lib / "delta", 400, "invalid_adapter_name"),
-        ("t1", lib / ".." / "outside" / "evil", 400, "adapter_path_forbidden"),
-        ("t2", "../outside/evil", 400, "adapter_path_forbidden"),  # relative: from the root
-        ("t3", lib / "escape", 400, "adapter_path_forbidden"),  # a symlink out of the root
+        ("t1", lib / ".." / "outside" / "evil", 403, "adapter_path_forbidden"),
+        ("t2", "../outside/evil", 403, "adapter_path_forbidden"),  # relative: from the root
+        ("t3", lib / "escape", 403, "adapter_path_forbidden"),  # a symlink out of the root
         ("t4", lib / "missing", 404, "adapter_not_found"),
         ("t5", lib / "corrupt", 400, "corrupt_adapter_weights"),
         ("t6", lib / "big-rank", 400, "rank_too_large"),

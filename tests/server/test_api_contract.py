@@ -113,7 +113,7 @@ def test_completion_invalid_parameters_are_400_naming_the_field(http, fields, pa
     [
         ({"messages": [{"role": "user", "content": "hi", "foo": 1}]}, "messages.0.foo"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
-        ({"messages": [{"role": "tool", "content": "hi"}]}, "messages.0"),  # no tool_call_id
+        ({"messages": [{"role": "user", "content": "hi"}], "stop": [""]}, "stop"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
             "messages.0.content",
