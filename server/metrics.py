@@ -39,6 +39,14 @@ class EngineCollector(Collector):
                 s.kv_used_blocks / s.kv_total_blocks if s.kv_total_blocks else 0.0,
             ),
             "loraplex_resident_adapters": ("adapters holding a device slot", s.resident_adapters),
+            "loraplex_adapter_pins": (
+                "running or waiting sequences holding an adapter slot",
+                s.adapter_pins,
+            ),
+            "loraplex_open_streams": (
+                "requests whose engine output stream has not ended",
+                s.open_streams,
+            ),
             "loraplex_host_adapters": ("adapters in the host-memory cache", s.host_adapters),
             "loraplex_adapter_host_bytes": (
                 "float32 weight bytes of the adapters in host memory",

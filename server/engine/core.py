@@ -278,6 +278,7 @@ class EngineCore:
             adapter_device_bytes=self.slots.used_bytes,
             adapter_slot_bytes=self.slots.capacity_bytes,
             adapter_loads=self.registry.loads,
+            adapter_pins=sum(self.slots.pins),
             prefix_cached_blocks=self.kv.cached_blocks,
             prefix_queried_tokens=dict(prefix.queried) if prefix else {},
             prefix_hit_tokens=dict(prefix.hits) if prefix else {},

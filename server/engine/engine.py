@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -224,5 +225,5 @@ class AsyncEngine:
         self._wake.set()
 
     def stats(self) -> EngineStats:
-        """A snapshot of the engine's queues and memory."""
-        return self.core.stats()
+        """A snapshot of the engine's queues and memory, with the open output streams."""
+        return dataclasses.replace(self.core.stats(), open_streams=len(self._streams))

@@ -81,6 +81,8 @@ class EngineStats:
     adapter_device_bytes: int = 0  # adapter weight bytes in device slots (rank padding excluded)
     adapter_slot_bytes: int = 0  # bytes preallocated for all device slots
     adapter_loads: int = 0  # adapters read from disk by the background loader
+    adapter_pins: int = 0  # running or waiting sequences holding an adapter slot
+    open_streams: int = 0  # requests whose output stream has not ended (AsyncEngine)
     prefix_cached_blocks: int = 0  # KV blocks in the prefix cache, held or not
     # prompt tokens looked up in / found in the prefix cache, by adapter name (None: the base)
     prefix_queried_tokens: dict[str | None, int] = field(default_factory=dict)
