@@ -154,7 +154,9 @@ class ChatFormat(ResponseFormat):
     ) -> None:
         super().__init__(model, num_choices, logprobs, stream_usage)
         self.tool_parser = tool_parser
-        self.tool_streams = [ToolCallStream(tool_parser) for _ in range(num_choices)]
+        self.tool_streams = (
+            [ToolCallStream(tool_parser) for _ in range(num_choices)] if tool_parser else []
+        )
         self.calls_sent = [0] * num_choices
 
     def _chat_logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any] | None:
