@@ -83,8 +83,8 @@ def from_validation_error(error: RequestValidationError) -> APIError:
         return APIError("invalid request", 400, "invalid_request")
     first = details[0]
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    if any(UNION_MEMBER.match(part) for part in loc):  # name the field, not the union member
-        loc = loc[: next(i for i, part in enumerate(loc) if UNION_MEMBER.match(part))]
+    # name the field, not the union member
+    loc = loc[: next((i for i, part in enumerate(loc) if UNION_MEMBER.match(part)), len(loc))]
     param = ".".join(loc) or None
     kind = first.get("type", "")
     if kind == "extra_forbidden":

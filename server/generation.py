@@ -62,11 +62,21 @@ class ChoiceState:
 TokenObserver = Callable[[float | None, float | None], None]  # (ttft_s, inter_token_s)
 
 
+ENGINE_FAILED = "the engine failed on this request"
+ENGINE_ERROR_STATUS = {"internal_error": 500, "model_not_found": 404}  # other codes: 503
+
+
+def engine_error(message: str | None, code: str | None) -> APIError:
+    """The HTTP error for a request the engine ended with an error: 500 without a code (the
+    engine's message stays in the log), else the code's status (503 engine_dead, ...)."""
+    if code is None:
+        return APIError(ENGINE_FAILED, 500, "internal_error")
+    return APIError(message or ENGINE_FAILED, ENGINE_ERROR_STATUS.get(code, 503), code)
+
+
 def refused(out: TokenOutput) -> APIError:
     """The HTTP error for a request the engine failed before its first token."""
-    code = out.error_code or "internal_error"
-    status = {"internal_error": 500, "model_not_found": 404}.get(code, 503)
-    return APIError(out.error or "the engine failed on this request", status, code)
+    return engine_error(out.error, out.error_code or "internal_error")
 
 
 class Generation:

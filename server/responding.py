@@ -15,9 +15,8 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from server.errors import APIError
 from server.formatting import ResponseFormat, usage
-from server.generation import ChoiceDelta, Generation
+from server.generation import Generation, engine_error
 
 CLIENT_CLOSED_REQUEST = 499
 T = TypeVar("T")
@@ -29,14 +28,6 @@ def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def failure(delta: ChoiceDelta) -> APIError:
-    """The error of a choice the engine failed after it started: 503 engine_dead when the engine
-    died (retry elsewhere), else 500."""
-    if delta.error_code == "engine_dead":
-        return APIError(delta.error or "the engine is dead", 503, "engine_dead")
-    return APIError("the engine failed on this request", 500, "internal_error")
-
-
 async def stream_events(gen: Generation, fmt: ResponseFormat) -> AsyncIterator[str]:
     """The SSE events of a streamed response, ending with `data: [DONE]`."""
     try:
@@ -44,7 +35,7 @@ async def stream_events(gen: Generation, fmt: ResponseFormat) -> AsyncIterator[s
             yield sse(chunk)
         async for delta in gen.deltas():
             if delta.finish_reason == "error":
-                yield sse(failure(delta).body())
+                yield sse(engine_error(delta.error, delta.error_code).body())
                 break
             chunk = fmt.chunk(delta)
             if chunk is not None:
@@ -66,7 +57,7 @@ async def collect(gen: Generation, fmt: ResponseFormat) -> dict[str, Any]:
     try:
         async for delta in gen.deltas():
             if delta.finish_reason == "error":
-                raise failure(delta)
+                raise engine_error(delta.error, delta.error_code)
             fmt.add(delta)
         return fmt.response(usage(gen.prompt_tokens, gen.completion_tokens, gen.cached_tokens))
     finally:

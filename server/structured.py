@@ -34,6 +34,7 @@ SCHEMA_VALUES = ("items", "additionalProperties", "contains", "propertyNames")
 SCHEMA_LISTS = ("prefixItems", "anyOf", "oneOf", "items")
 CACHE_BYTES = 256 * 1024 * 1024  # compiled grammars kept (xgrammar's LRU, keyed by content)
 COMPILE_THREADS = 4
+ANY_OBJECT = '{"type": "object"}'  # json_object: any JSON object
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def structured_outputs_spec(spec: StructuredOutputs) -> GrammarSpec:
     if spec.json_ is not None:
         return GrammarSpec("json_schema", check_schema(spec.json_, param), param)
     if spec.json_object:
-        return GrammarSpec("json_schema", '{"type": "object"}', param)
+        return GrammarSpec("json_schema", ANY_OBJECT, param)
     if spec.regex is not None:
         return GrammarSpec("regex", spec.regex, param)
     if spec.choice is not None:
@@ -132,7 +133,7 @@ def output_spec(req: SamplingRequest) -> GrammarSpec | None:
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
-        return GrammarSpec("json_schema", '{"type": "object"}', "response_format")
+        return GrammarSpec("json_schema", ANY_OBJECT, "response_format")
     schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
     source = check_schema(schema if schema is not None else {}, "response_format")
     return GrammarSpec("json_schema", source, "response_format")
@@ -210,7 +211,3 @@ class Grammars:
                 "invalid_value",
                 spec.param,
             ) from None
-
-    def close(self) -> None:
-        """Stop the compile threads (a compile in progress finishes)."""
-        self.pool.shutdown(wait=False, cancel_futures=True)
