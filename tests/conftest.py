@@ -270,3 +270,23 @@ def weather_adapter(
     start = time.perf_counter()
     assert main(argv + TOOL_TRAIN_ARGS) == 0
     return out, time.perf_counter() - start
+
+
+def make_fp32_engine(demo_path: Path, adapters: dict[str, Path], **config: object):
+    """An EngineCore on the demo base unquantized in float32 (exact to ~1e-5, so greedy tokens
+    compare one for one) serving the given PEFT adapters."""
+    from adapters.format import base_linear_shapes, read_adapter
+    from server.engine.core import EngineCore
+
+    settings = Config(model=str(demo_path), quant="none", compute_dtype="float32", **config)
+    core = EngineCore(load_base(settings), settings)
+    shapes = base_linear_shapes(core.base.model)
+    for name, path in adapters.items():
+        core.add_adapter(read_adapter(path, name, shapes, 64, 1 << 30))
+    return core
+
+
+@pytest.fixture(scope="session")
+def fp32_engine():
+    """make_fp32_engine, for test modules (they cannot import conftest)."""
+    return make_fp32_engine

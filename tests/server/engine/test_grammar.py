@@ -10,9 +10,6 @@ import json
 import jsonschema
 import pytest
 
-from adapters.format import base_linear_shapes, read_adapter
-from loader.config import Config
-from loader.model import load_base
 from server.engine.core import EngineCore
 from server.engine.types import SamplingParams
 from server.structured import Grammars, GrammarSpec
@@ -29,20 +26,14 @@ SCHEMA = {
 }
 
 
-def fp32_engine(demo_path, peft_adapters, **limits) -> EngineCore:
-    config = Config(
-        model=str(demo_path), quant="none", compute_dtype="float32", max_loras=2, **limits
-    )
-    core = EngineCore(load_base(config), config)
-    shapes = base_linear_shapes(core.base.model)
-    for name in ("alpha", "beta"):
-        core.add_adapter(read_adapter(peft_adapters[name], name, shapes, 64, 1 << 30))
-    return core
+def two_adapter_engine(fp32_engine, demo_path, peft_adapters, **limits) -> EngineCore:
+    adapters = {name: peft_adapters[name] for name in ("alpha", "beta")}
+    return fp32_engine(demo_path, adapters, max_loras=2, **limits)
 
 
 @pytest.fixture(scope="module")
-def roomy(demo_path, peft_adapters) -> EngineCore:
-    return fp32_engine(demo_path, peft_adapters, kv_capacity_tokens=4096)
+def roomy(fp32_engine, demo_path, peft_adapters) -> EngineCore:
+    return two_adapter_engine(fp32_engine, demo_path, peft_adapters, kv_capacity_tokens=4096)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +76,7 @@ def tokens(outputs: list) -> list[int]:
 
 
 def test_constrained_rows_beside_free_rows_and_through_preemption(
-    demo_path, peft_adapters, roomy, grammar
+    fp32_engine, demo_path, peft_adapters, roomy, grammar
 ):
     requests = wave(roomy, grammar, range(4))
     together = run(roomy, requests)
@@ -100,7 +91,7 @@ def test_constrained_rows_beside_free_rows_and_through_preemption(
         alone = run(roomy, [(rid, ids, adapter, params)])[rid]
         assert tokens(alone) == tokens(together[rid]), rid
     # 10 blocks of 16 tokens for 8 requests of ~40 prompt tokens: they preempt each other
-    small = fp32_engine(demo_path, peft_adapters, kv_capacity_tokens=16 * 10)
+    small = two_adapter_engine(fp32_engine, demo_path, peft_adapters, kv_capacity_tokens=16 * 10)
     squeezed = run(small, requests)
     assert small.scheduler.preemptions > 0
     for rid, *_ in requests:

@@ -28,18 +28,9 @@ QUESTIONS = ("What does the rye loaf cost?", "Is the almond tart gluten free?", 
 Run = dict[str, tuple[list[int], list[float], int]]  # request id -> (tokens, logprobs, cached)
 
 
-def fp32_engine(demo_path, peft_adapters, prefix: bool, **limits) -> EngineCore:
-    config = Config(
-        model=str(demo_path),
-        quant="none",
-        compute_dtype="float32",
-        enable_prefix_caching=prefix,
-        **{"kv_capacity_tokens": 2048, "max_batch_tokens": 48, "max_loras": 4, **limits},
-    )
-    core = EngineCore(load_base(config), config)
-    for name, path in peft_adapters.items():
-        add(core, name, path)
-    return core
+def cache_engine(fp32_engine, demo_path, peft_adapters, prefix: bool, **limits) -> EngineCore:
+    limits = {"kv_capacity_tokens": 2048, "max_batch_tokens": 48, "max_loras": 4, **limits}
+    return fp32_engine(demo_path, peft_adapters, enable_prefix_caching=prefix, **limits)
 
 
 def add(core: EngineCore, name: str, path) -> None:
@@ -47,13 +38,13 @@ def add(core: EngineCore, name: str, path) -> None:
 
 
 @pytest.fixture(scope="module")
-def cached(demo_path, peft_adapters) -> EngineCore:
-    return fp32_engine(demo_path, peft_adapters, prefix=True)
+def cached(fp32_engine, demo_path, peft_adapters) -> EngineCore:
+    return cache_engine(fp32_engine, demo_path, peft_adapters, prefix=True)
 
 
 @pytest.fixture(scope="module")
-def cold(demo_path, peft_adapters) -> EngineCore:
-    return fp32_engine(demo_path, peft_adapters, prefix=False)
+def cold(fp32_engine, demo_path, peft_adapters) -> EngineCore:
+    return cache_engine(fp32_engine, demo_path, peft_adapters, prefix=False)
 
 
 def chat_ids(core: EngineCore, question: str, system: str = SYSTEM) -> list[int]:
@@ -190,10 +181,12 @@ def test_reload_and_unload_drop_the_old_versions_blocks(cached, cold, peft_adapt
     assert not any(o == ("swap", current) for o in cached.kv.prefix.owners.values())
 
 
-def test_eviction_and_preemption_with_shared_blocks(demo_path, peft_adapters, cold):
+def test_eviction_and_preemption_with_shared_blocks(fp32_engine, demo_path, peft_adapters, cold):
     # 12 blocks of 16 tokens: each ~75-token prompt growing by 40 tokens needs 8 blocks, so the
     # running requests preempt each other, and cached blocks of earlier prompts are evicted
-    small = fp32_engine(demo_path, peft_adapters, prefix=True, kv_capacity_tokens=16 * 12)
+    small = cache_engine(
+        fp32_engine, demo_path, peft_adapters, prefix=True, kv_capacity_tokens=16 * 12
+    )
     params = SamplingParams(max_tokens=40, temperature=0, logprobs=0, ignore_eos=True)
     waves = [
         [
