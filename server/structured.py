@@ -211,3 +211,7 @@ class Grammars:
                 "invalid_value",
                 spec.param,
             ) from None
+
+    def close(self) -> None:
+        """Stop the compile threads (a compile in progress finishes)."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
