@@ -21,6 +21,12 @@ ADMIN_RESPONSES = {  # vLLM's plain-text success line; errors in OpenAI's JSON s
     **documented(None, 400, 401, 403, 404, 409, 413, 503),
     200: {"description": "Success line", "content": {"text/plain": {"schema": {"type": "string"}}}},
 }
+LOADED = "$request.body#/lora_name"
+LOAD_LINKS = {  # OpenAPI links: what a client (or a stateful test) does with a loaded adapter
+    "UseInCompletion": {"operationId": "create_completion", "requestBody": {"model": LOADED}},
+    "UseInChat": {"operationId": "create_chat_completion", "requestBody": {"model": LOADED}},
+    "Unload": {"operationId": "unload_lora_adapter", "requestBody": {"lora_name": LOADED}},
+}
 
 router = APIRouter(prefix="/v1")
 
@@ -47,7 +53,10 @@ class UnloadLoraAdapterRequest(BaseModel):
     lora_name: str = Field(json_schema_extra={"pattern": NAME_REGEX})  # what validate_name accepts
 
 
-@router.post("/load_lora_adapter", responses=ADMIN_RESPONSES)
+@router.post(
+    "/load_lora_adapter",
+    responses={**ADMIN_RESPONSES, 200: {**ADMIN_RESPONSES[200], "links": LOAD_LINKS}},
+)
 async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request) -> PlainTextResponse:
     """Validate and load an adapter (read off the event loop and off the engine's step loop)."""
     engine = get_state(request).engine

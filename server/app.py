@@ -22,7 +22,11 @@ from server.state import ServerState, get_state
 
 def create_app(engine: Any, config: Config) -> FastAPI:
     """The HTTP app serving engine (an AsyncEngine, already started) under config."""
-    app = FastAPI(title="loraplex", summary="OpenAI-compatible multi-LoRA server")
+    app = FastAPI(
+        title="loraplex",
+        summary="OpenAI-compatible multi-LoRA server",
+        generate_unique_id_function=lambda route: route.name,  # operationId: the handler's name
+    )
     metrics = Metrics(engine, engine.base.name)
     app.state.loraplex = ServerState(engine, config, metrics)
     install_error_handlers(app)

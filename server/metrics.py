@@ -148,11 +148,13 @@ class Metrics:
             return model
         return UNKNOWN
 
-    def request_started(self, model: str) -> Callable[[float | None, float | None], None]:
-        """Count a generation request for model; returns the per-token observer for it."""
-        label = self.adapter_label(model)
-        self.adapter_requests.labels(label).inc()
-        tokens = self.adapter_tokens.labels(label)
+    def count_request(self, model: str) -> None:
+        """Count a generation request naming model (an unknown one as "unknown")."""
+        self.adapter_requests.labels(self.adapter_label(model)).inc()
+
+    def token_observer(self, model: str) -> Callable[[float | None, float | None], None]:
+        """The per-token observer of a generation for model."""
+        tokens = self.adapter_tokens.labels(self.adapter_label(model))
 
         def on_token(ttft: float | None, gap: float | None) -> None:
             self.tokens.inc()

@@ -13,7 +13,9 @@ from server.responding import respond
 from server.response_schemas import (
     GENERATION_ERRORS,
     ChatCompletion,
+    ChatCompletionChunk,
     Completion,
+    CompletionChunk,
     ModelList,
     documented,
 )
@@ -63,10 +65,13 @@ async def list_models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [base, *adapters]}
 
 
-@router.post("/completions", responses=documented(Completion, *GENERATION_ERRORS, stream=True))
+@router.post(
+    "/completions", responses=documented(Completion, *GENERATION_ERRORS, stream=CompletionChunk)
+)
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     """Text completion of one or more prompts, n choices each."""
     st = get_state(request)
+    adapter = st.resolve(body.model)  # an unknown model is a 404 before any other check
     check_common(body)
     prompts = encode_completion_prompts(st.tokenizer, body)
     spec = output_spec(body)
@@ -77,17 +82,19 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         body.model, len(prompts) * n, body.logprobs is not None, body.include_usage
     )
     namespace = st.cache_namespace(request, body.cache_salt)
-    gen = st.generation(body.model, prompts, params, n, body.stops, fmt.id, namespace)
+    gen = st.generation(body.model, adapter, prompts, params, n, body.stops, fmt.id, namespace)
     return await respond(request, gen, fmt, bool(body.stream))
 
 
 @router.post(
-    "/chat/completions", responses=documented(ChatCompletion, *GENERATION_ERRORS, stream=True)
+    "/chat/completions",
+    responses=documented(ChatCompletion, *GENERATION_ERRORS, stream=ChatCompletionChunk),
 )
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     """Chat completion: the messages (and tools) through the base's chat template, n choices; the
     output constrained by response_format, structured_outputs or a forced tool call."""
     st = get_state(request)
+    adapter = st.resolve(body.model)  # an unknown model is a 404 before any other check
     check_common(body)
     logprobs = chat_logprobs(body)
     tools = tool_use(body, st.config.tool_call_parser)
@@ -107,5 +114,5 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     n = body.n or 1
     fmt = ChatFormat(body.model, n, logprobs is not None, body.include_usage, tools.parser)
     namespace = st.cache_namespace(request, body.cache_salt)
-    gen = st.generation(body.model, [prompt], params, n, body.stops, fmt.id, namespace)
+    gen = st.generation(body.model, adapter, [prompt], params, n, body.stops, fmt.id, namespace)
     return await respond(request, gen, fmt, bool(body.stream))

@@ -139,6 +139,63 @@ class ChatCompletion(BaseModel):
     usage: Usage | None = None
 
 
+class CompletionChunkChoice(BaseModel):
+    """One choice's new text in a streamed completion."""
+
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class CompletionChunk(BaseModel):
+    """One event of a streamed /v1/completions (no choices and the usage in the last, when asked)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: str | None
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class ToolCallDelta(ToolCall):
+    """A complete tool call in a stream delta, with its position among the choice's calls."""
+
+    index: int
+
+
+class ChatDelta(BaseModel):
+    """What a chat stream event adds to the assistant's message."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    """One choice's delta in a streamed chat completion."""
+
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One event of a streamed /v1/chat/completions (no choices and the usage in the last, when
+    asked)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    system_fingerprint: str | None
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
 class ModelCard(BaseModel):
     """The base model or one adapter (adapters name the base as parent)."""
 
@@ -166,13 +223,46 @@ class Health(BaseModel):
     reason: str | None = None
 
 
-def documented(ok: type[BaseModel] | None, *errors: int, stream: bool = False) -> dict:
-    """FastAPI `responses=` for a route: its 200 body (and SSE when it streams) and its error codes."""
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """model's JSON schema with its $defs substituted in place (it is embedded where document-root
+    references would not resolve)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        return node
+
+    return inline(schema)
+
+
+def sse_event(chunk: type[BaseModel]) -> dict[str, Any]:
+    """The schema of one server-sent event of a stream of `chunk`s: its `data` is a chunk or an
+    error as JSON, or the final `[DONE]`."""
+    payload = {"anyOf": [inline_schema(chunk), inline_schema(ErrorResponse)]}
+    data = {"type": "string", "contentMediaType": "application/json", "contentSchema": payload}
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": {"anyOf": [{"const": "[DONE]"}, data]}},
+    }
+
+
+def documented(
+    ok: type[BaseModel] | None, *errors: int, stream: type[BaseModel] | None = None
+) -> dict:
+    """FastAPI `responses=` for a route: its 200 body (and its events when it streams `stream`
+    chunks) and its error codes."""
     responses: dict[int | str, dict[str, Any]] = {
         code: {"model": ErrorResponse, "description": "OpenAI-shaped error"} for code in errors
     }
     if ok is not None:
         responses[200] = {"model": ok, "description": "Successful response"}
-        if stream:
-            responses[200]["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+        if stream is not None:
+            responses[200]["content"] = {"text/event-stream": {"schema": sse_event(stream)}}
     return responses

@@ -304,11 +304,3 @@ class ChatCompletionRequest(SamplingRequest):
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-
-    @field_validator("tools")
-    @classmethod
-    def _unique_tools(cls, value: list[Tool] | None) -> list[Tool] | None:
-        names = [tool.function.name for tool in value or []]
-        if len(names) != len(set(names)):
-            raise ValueError("tool function names must be unique")
-        return value

@@ -46,9 +46,16 @@ class ServerState:
         vocab = getattr(head, "out_features", None) or head.weight.shape[0]
         return Grammars(self.tokenizer, vocab, self.engine.core.eos_ids, self.config)
 
+    def resolve(self, model: str) -> str | None:
+        """The adapter `model` names (None for the base), the request counted in the per-adapter
+        metrics; 404 model_not_found if it is unknown."""
+        self.metrics.count_request(model)
+        return resolve_model(model, self.base_name, self.engine.adapter_names())
+
     def generation(
         self,
         model: str,
+        adapter: str | None,
         prompts: list[list[int]],
         params: SamplingParams,
         n: int,
@@ -56,9 +63,9 @@ class ServerState:
         request_id: str,
         cache_namespace: str = "",
     ) -> Generation:
-        """The engine requests for `model` (404 if unknown), counted in the per-adapter metrics."""
-        on_token = self.metrics.request_started(model)
-        adapter = resolve_model(model, self.base_name, self.engine.adapter_names())
+        """The engine requests for `model` (resolved to `adapter` by `resolve`), their tokens
+        counted in the per-adapter metrics."""
+        on_token = self.metrics.token_observer(model)
         return Generation(
             self.engine,
             self.tokenizer,

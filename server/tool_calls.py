@@ -205,6 +205,24 @@ class ToolUse:
     grammar: GrammarSpec | None = None
 
 
+def forced_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The tools a forced call is generated under: one per function name (a name defined twice
+    takes arguments valid under either definition), strict (strict: false would make xgrammar
+    leave the arguments unconstrained; they always follow their schema here)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for tool in tools:
+        function = tool["function"]
+        seen = merged.get(function["name"])
+        if seen is None:
+            merged[function["name"]] = {**tool, "function": {**function, "strict": True}}
+        elif "parameters" not in function:  # any arguments
+            seen["function"].pop("parameters", None)
+        elif "parameters" in seen["function"]:
+            either = [seen["function"]["parameters"], function["parameters"]]
+            seen["function"]["parameters"] = {"anyOf": either}
+    return list(merged.values())
+
+
 def tool_use(req: ChatCompletionRequest, parser: str) -> ToolUse:
     """Validate tools and tool_choice (400 naming the parameter) and resolve them."""
     tools = [tool.model_dump(exclude_none=True) for tool in req.tools or []]
@@ -230,13 +248,10 @@ def tool_use(req: ChatCompletionRequest, parser: str) -> ToolUse:
     for tool in tools:  # the arguments of a forced call are generated under these schemas
         if "parameters" in tool["function"]:
             check_schema(tool["function"]["parameters"], "tools")
-    # strict: false would make xgrammar leave the arguments unconstrained; they always follow
-    # their schema here
-    schemas = [{**t, "function": {**t["function"], "strict": True}} for t in tools]
     try:
         tag = xgr.get_model_structural_tag(
             STRUCTURAL_TAG_MODELS[parser],
-            tools=schemas,
+            tools=forced_tools(tools),
             tool_choice=forced,
             reasoning="disabled",
             max_whitespace_cnt=MAX_WHITESPACE,

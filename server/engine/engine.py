@@ -21,7 +21,8 @@ from server.engine.types import EngineError, EngineStats, SamplingParams, TokenO
 
 log = logging.getLogger("loraplex.engine")
 
-MAX_STEP_FAILURES = 3  # consecutive failed steps after which the engine is declared dead
+CANARY_ID = "loraplex-canary"  # the known-good request run after a failed step
+CANARY_STEPS = 4  # steps it may take (one prompt token, one output token)
 
 
 class AsyncEngine:
@@ -71,7 +72,6 @@ class AsyncEngine:
 
     def _run(self) -> None:
         core = self.core
-        failures = 0
         while not self._stop.is_set():
             while not self._inbox.empty():
                 self._call(self._inbox.get())
@@ -83,20 +83,33 @@ class AsyncEngine:
             try:
                 self.faults.before_step(steps + 1)
                 outputs = core.step()
-                failures = 0
             except Exception as error:  # noqa: BLE001 - fail the requests in the engine, go on
-                failures += 1
-                if failures >= MAX_STEP_FAILURES:
-                    raise
                 log.exception(
                     "a step failed; failing the %d requests in the engine", len(core.seqs)
                 )
                 outputs = core.fail_all(f"internal error: {error}")
+                self._check_alive()
             for out in outputs:
                 self._deliver(out)
             if core.steps == steps:  # nothing runnable: waiting on adapter loads or slots
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()
+
+    def _check_alive(self) -> None:
+        """After a failed step (the engine emptied): run a known-good request, one greedy token
+        of the bare base. If it fails too, the device or the engine is lost and the error escapes
+        the loop; otherwise the failure was the failed requests' own and serving goes on."""
+        core = self.core
+        core.add_request(CANARY_ID, [0], None, SamplingParams(max_tokens=1, temperature=0))
+        for _ in range(CANARY_STEPS):
+            self.faults.before_step(core.steps + 1)
+            for out in core.step():
+                if out.finish_reason == "error":
+                    raise RuntimeError(f"a known-good request failed after a step: {out.error}")
+                if out.finish_reason is not None:
+                    return
+        core.abort(CANARY_ID)
+        raise RuntimeError(f"a known-good request did not finish in {CANARY_STEPS} steps")
 
     @staticmethod
     def _call(job: Callable[[], None]) -> None:

@@ -32,6 +32,7 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if top_p < 1.0:
         probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), -1)
         drop |= probs.cumsum(-1) - probs >= top_p  # keep the token that crosses p
+        drop[0] = False  # and the most likely one, whatever p (a tiny p rounds to 0 in float32)
     return logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
 
 

@@ -15,9 +15,12 @@ class EngineError(RuntimeError):
         self.status = status
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request decoding parameters; temperature 0 means greedy."""
+    """Per-request decoding parameters; a temperature below GREEDY_BELOW means greedy."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -45,8 +48,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """Whether decoding is deterministic argmax."""
-        return self.temperature == 0
+        """Whether decoding is deterministic argmax (vLLM's rule: logits over a temperature this
+        small overflow to inf)."""
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass

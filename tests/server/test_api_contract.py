@@ -152,6 +152,12 @@ def test_unknown_model_and_too_long_prompt_are_refused(http):
     assert_error(completion(http, prompt=long_prompt), 400, code="context_length_exceeded")
 
 
+def test_vanishing_temperature_and_top_p_sample_the_top_token(http):
+    greedy = ok(completion(http))["choices"][0]["text"]
+    for fields in ({"temperature": 1e-300}, {"temperature": 1.0, "top_p": 1e-308, "seed": 1}):
+        assert ok(completion(http, **fields))["choices"][0]["text"] == greedy, fields
+
+
 def test_models_lists_base_and_adapters_with_parent(http, peft_adapters):
     data = ok(http.get("/v1/models"))
     assert data["object"] == "list"

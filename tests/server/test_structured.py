@@ -244,6 +244,37 @@ def test_forced_tool_calls(srv, stream: bool):
         assert calls[0]["function"]["name"] == "get_time"
 
 
+def test_a_name_defined_twice_takes_either_definition(srv):
+    zone = {**CLOCK, "function": {**CLOCK["function"], "description": "time in a zone"}}
+    offset = {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "parameters": {
+                "type": "object",
+                "properties": {"offset": {"type": "integer", "minimum": -12, "maximum": 12}},
+                "required": ["offset"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    either = {"anyOf": [CLOCK["function"]["parameters"], offset["function"]["parameters"]]}
+    named = {"type": "function", "function": {"name": "get_time"}}
+    for seed in range(6):
+        _, reason, calls = chat(
+            srv,
+            srv.base,
+            messages=ASK_WEATHER,
+            tools=[zone, offset],
+            tool_choice=named,
+            temperature=1.0,
+            seed=seed,
+            max_tokens=40,
+        )
+        assert reason == "tool_calls" and len(calls) == 1
+        jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), either)
+
+
 def test_tool_history_is_accepted(srv):
     arguments = json.dumps({"city": "Paris", "unit": "celsius"})
     history = [
