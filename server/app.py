@@ -50,7 +50,7 @@ def create_app(engine: Any, config: Config) -> FastAPI:
         """Prometheus text exposition of this app's registry."""
         return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    state_limits(app, config.max_n, engine.max_model_len, len(engine.base.tokenizer))
+    state_limits(app, config.max_n, len(engine.base.tokenizer))
     app.state.drain = Drain()
     limits = Limits(config.max_body_bytes, config.max_n)
     keys = KeyRing(load_keys(config))

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.errors import AdapterError
 from server.engine.types import EngineError
+from server.schemas import MAX_CHOICES
 
 log = logging.getLogger("loraplex.http")
 
@@ -26,6 +27,19 @@ ADAPTER_ERROR_STATUS = {
 # the member tags pydantic puts in an error's loc for union-typed fields: "constrained-str",
 # "list[constrained-str]", "int", "function-after[...]"
 UNION_MEMBER = re.compile(r"^(constrained-\w+|str|int|float|bool|[\w-]+\[.*\])$")
+# 400 refusals of schema-valid requests: the rules no JSON Schema can state, by error code (the
+# OpenAPI document lists them on every generation route's 400)
+RUNTIME_RULES = {
+    "context_length_exceeded": "a prompt that fills the model's context (max_tokens only caps)",
+    "empty_prompt": "a text prompt that encodes to no tokens",
+    "too_many_choices": f"more than {MAX_CHOICES} choices (prompts x n)",
+    "invalid_grammar": "a JSON schema, regex, grammar or tool set that cannot be compiled",
+    "unsupported_schema": "a JSON schema keyword structured outputs cannot enforce",
+    "grammar_too_large": "a grammar over --max-grammar-bytes",
+    "grammar_too_complex": "a grammar that does not compile within --grammar-compile-timeout-s",
+    "unknown_tool": "a tool_choice naming a function that is not in tools",
+    "template_rejected": "messages the model's chat template refuses (for example role order)",
+}
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",

@@ -1,5 +1,5 @@
-"""The app's OpenAPI document with the limits this server runs under (--max-n, the context length,
-the vocabulary), so that a client generated from it sends only what validation accepts."""
+"""The app's OpenAPI document with the limits this server runs under (--max-n, the vocabulary), so
+that a client generated from it sends only what validation accepts."""
 
 from __future__ import annotations
 
@@ -28,9 +28,8 @@ def _cap(request: dict[str, Any], field: str, maximum: int) -> None:
         branch["maximum"] = min(branch.get("maximum", maximum), maximum)
 
 
-def state_limits(app: FastAPI, max_n: int, max_model_len: int, vocab_size: int) -> None:
-    """Make app.openapi() state n <= max_n, max_tokens < max_model_len and prompt token ids in
-    [0, vocab_size)."""
+def state_limits(app: FastAPI, max_n: int, vocab_size: int) -> None:
+    """Make app.openapi() state n <= max_n and prompt token ids in [0, vocab_size)."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -39,8 +38,6 @@ def state_limits(app: FastAPI, max_n: int, max_model_len: int, vocab_size: int) 
             for name in GENERATION_REQUESTS:
                 request = components[name]
                 _cap(request, "n", max_n)
-                for field in ("max_tokens", "max_completion_tokens"):
-                    _cap(request, field, max_model_len - 1)  # a prompt has at least one token
             _cap(components["CompletionRequest"], "prompt", vocab_size - 1)
         return app.openapi_schema
 

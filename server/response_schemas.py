@@ -7,8 +7,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from server.errors import RUNTIME_RULES
+
 FinishReason = Literal["stop", "length", "tool_calls", "abort", "error"]
 GENERATION_ERRORS = (400, 401, 404, 413, 429, 500, 503, 504)  # what a completion may answer
+RUNTIME_RULES_TEXT = "OpenAI-shaped error. Besides schema violations, a request is refused for " + (
+    "these rules, which no JSON Schema can state (`error.code`: when):\n"
+    + "\n".join(f"- `{code}`: {when}" for code, when in RUNTIME_RULES.items())
+)
 
 
 class ErrorDetail(BaseModel):
@@ -261,6 +267,8 @@ def documented(
     responses: dict[int | str, dict[str, Any]] = {
         code: {"model": ErrorResponse, "description": "OpenAI-shaped error"} for code in errors
     }
+    if stream is not None and 400 in responses:  # a generation route
+        responses[400]["description"] = RUNTIME_RULES_TEXT
     if ok is not None:
         responses[200] = {"model": ok, "description": "Successful response"}
         if stream is not None:

@@ -41,6 +41,24 @@ TOOLS_RULE = {  # a tool_choice other than none needs tools
     "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}},
 }
 
+NO_OUTPUT_FORMAT = {"anyOf": [{"type": "null"}, {"properties": {"type": {"const": "text"}}}]}
+ONE_CONSTRAINT_RULE = {  # structured_outputs excludes a response_format other than text
+    "if": {
+        "required": ["structured_outputs"],
+        "properties": {"structured_outputs": {"not": {"type": "null"}}},
+    },
+    "then": {"properties": {"response_format": NO_OUTPUT_FORMAT}},
+}
+FORCED_TOOL_RULE = {  # a forced tool call excludes other output constraints
+    "if": {
+        "required": ["tool_choice"],
+        "properties": {"tool_choice": {"anyOf": [{"const": "required"}, {"type": "object"}]}},
+    },
+    "then": {
+        "properties": {"structured_outputs": {"type": "null"}, "response_format": NO_OUTPUT_FORMAT}
+    },
+}
+
 
 class StrictModel(BaseModel):
     """A schema that refuses unknown fields."""
@@ -247,6 +265,18 @@ class JsonSchemaFormat(StrictModel):
 class ResponseFormat(StrictModel):
     """OpenAI's `response_format`: text, any JSON object, or JSON valid against a schema."""
 
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={  # what _schema_with_type enforces
+            "if": {"properties": {"type": {"const": "json_schema"}}},
+            "then": {
+                "required": ["json_schema"],
+                "properties": {"json_schema": {"type": "object"}},
+            },
+            "else": {"properties": {"json_schema": {"type": "null"}}},
+        },
+    )
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -292,7 +322,13 @@ class ChatCompletionRequest(SamplingRequest):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "allOf": [STREAM_OPTIONS_RULE, only_if("top_logprobs", "logprobs", True), TOOLS_RULE]
+            "allOf": [
+                STREAM_OPTIONS_RULE,
+                only_if("top_logprobs", "logprobs", True),
+                TOOLS_RULE,
+                ONE_CONSTRAINT_RULE,
+                FORCED_TOOL_RULE,
+            ]
         },
     )
 

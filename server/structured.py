@@ -77,14 +77,14 @@ def check_schema(schema: Any, param: str) -> str:
             schema = json.loads(schema)
         except json.JSONDecodeError as error:
             message = f"{param} is not valid JSON: {error}"
-            raise APIError(message, 400, "invalid_value", param) from None
+            raise APIError(message, 400, "invalid_grammar", param) from None
     if not isinstance(schema, dict):
-        raise APIError(f"{param} must be a JSON schema object", 400, "invalid_value", param)
+        raise APIError(f"{param} must be a JSON schema object", 400, "invalid_grammar", param)
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as error:
         raise APIError(
-            f"{param} is not a valid JSON schema: {error.message}", 400, "invalid_value", param
+            f"{param} is not a valid JSON schema: {error.message}", 400, "invalid_grammar", param
         ) from None
     keyword = _unsupported(schema)
     if keyword:
@@ -208,7 +208,7 @@ class Grammars:
             raise APIError(
                 f"{spec.param} cannot be compiled: {_message(error)}",
                 400,
-                "invalid_value",
+                "invalid_grammar",
                 spec.param,
             ) from None
 

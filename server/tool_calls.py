@@ -241,7 +241,7 @@ def tool_use(req: ChatCompletionRequest, parser: str) -> ToolUse:
             raise APIError(
                 f"tool_choice names {name!r}, which is not in tools",
                 400,
-                "invalid_value",
+                "unknown_tool",
                 "tool_choice",
             )
         forced = {"type": "function", "function": {"name": name}}
@@ -258,7 +258,9 @@ def tool_use(req: ChatCompletionRequest, parser: str) -> ToolUse:
             parallel_tool_calls=req.parallel_tool_calls is not False,
         )
     except ValueError as error:
-        raise APIError(f"tools cannot be forced: {error}", 400, "invalid_value", "tools") from None
+        raise APIError(
+            f"tools cannot be forced: {error}", 400, "invalid_grammar", "tools"
+        ) from None
     if isinstance(tag.format, TriggeredTagsFormat):  # required: calls only, no text around them
         fmt = tag.format
         tag.format = TagsWithSeparatorFormat(

@@ -50,7 +50,7 @@ def sampling_params(
 
 def _check_ids(ids: list[int], vocab_size: int, param: str) -> list[int]:
     if not ids:
-        raise APIError(f"{param} must not be empty", 400, "invalid_value", param)
+        raise APIError(f"{param} encodes to no tokens", 400, "empty_prompt", param)
     if any(i < 0 or i >= vocab_size for i in ids):
         raise APIError(
             f"{param} holds token ids outside the vocabulary [0, {vocab_size})",
@@ -65,7 +65,9 @@ def encode_completion_prompts(tokenizer: Any, req: CompletionRequest) -> list[li
     """Each prompt as token ids (text is tokenized with the tokenizer's special tokens)."""
     prompts = req.prompts
     if len(prompts) * (req.n or 1) > MAX_CHOICES:
-        raise APIError(f"prompts x n must be at most {MAX_CHOICES}", 400, "invalid_value", "prompt")
+        raise APIError(
+            f"prompts x n must be at most {MAX_CHOICES}", 400, "too_many_choices", "prompt"
+        )
     vocab = len(tokenizer)
     encoded = []
     for prompt in prompts:
@@ -83,7 +85,10 @@ def encode_chat(
         text = render_chat(tokenizer, messages, tools)
     except Exception as error:  # the template rejects this conversation (e.g. role order)
         raise APIError(
-            f"the chat template rejected the messages: {error}", 400, "invalid_value", "messages"
+            f"the chat template rejected the messages: {error}",
+            400,
+            "template_rejected",
+            "messages",
         ) from error
     ids = tokenizer(text, add_special_tokens=False).input_ids
     return _check_ids(ids, len(tokenizer), "messages")

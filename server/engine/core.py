@@ -136,10 +136,10 @@ class EngineCore:
             raise EngineError(f"The model `{adapter}` does not exist.", "model_not_found", 404)
         if not prompt_ids:
             raise EngineError("The prompt is empty.", "invalid_prompt", 400)
-        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+        if len(prompt_ids) >= self.max_model_len:  # max_tokens is a cap: the context ends it
             raise EngineError(
-                f"This model's maximum context length is {self.max_model_len} tokens; the request "
-                f"has {len(prompt_ids)} prompt tokens and asks for {params.max_tokens} more.",
+                f"This model's maximum context length is {self.max_model_len} tokens; the prompt "
+                f"has {len(prompt_ids)}, which leaves no room for a completion.",
                 "context_length_exceeded",
                 400,
             )

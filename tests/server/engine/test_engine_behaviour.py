@@ -78,10 +78,12 @@ def test_rejections(engine):
     with pytest.raises(EngineError) as unknown:
         engine.add_request("u", [1, 2, 3], "nope", GREEDY)
     assert unknown.value.status == 404 and unknown.value.code == "model_not_found"
-    too_long = SamplingParams(max_tokens=engine.max_model_len)
-    with pytest.raises(EngineError) as long:
-        engine.add_request("l", [1, 2, 3], None, too_long)
+    with pytest.raises(EngineError) as long:  # no room left for a completion
+        engine.add_request("l", [1] * engine.max_model_len, None, GREEDY)
     assert long.value.code == "context_length_exceeded"
+    capped = SamplingParams(max_tokens=10 * engine.max_model_len)  # max_tokens only caps
+    engine.add_request("c", [1, 2, 3], None, capped)
+    assert engine.abort("c") is not None
     with pytest.raises(ValueError):
         SamplingParams(top_p=0)
 
