@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ADAPTERS ?= demo-adapters
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint format demo-adapters bench loadtest clean
+.PHONY: install serve test lint format demo-adapters bench loadtest soak clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -64,3 +64,13 @@ loadtest: $(STAMP)
 	$(BIN)/loraplex prepare
 	$(PY) -m loadtests.run --users $(LT_USERS) --duration $(LT_DURATION) --adapters $(LT_ADAPTERS) \
 		--scenario $(LT_SCENARIO) --demo-adapters $(ADAPTERS) --out results/loadtest
+
+# Soak (locust at capacity, 127.0.0.1 only): SOAK_MINUTES of every load-test user class against the demo
+# base with $(ADAPTERS) plus random adapters; RSS over time, gauges at idle, failures under results/soak/.
+SOAK_MINUTES ?= 30
+SOAK_USERS ?= 16
+
+soak: $(STAMP)
+	$(BIN)/loraplex prepare
+	$(PY) -m loadtests.soak --minutes $(SOAK_MINUTES) --users $(SOAK_USERS) \
+		--demo-adapters $(ADAPTERS) --out results/soak

@@ -125,7 +125,7 @@ def summarize(args: argparse.Namespace, adapters: int) -> dict:
         lines.append(
             f"| {name[:-3].upper()} | {m['n']} | {m['p50']:.0f} | {m['p95']:.0f} | {m['p99']:.0f} |"
         )
-    lines += ["", "Command: `" + " ".join(["python -m loadtests.run", *sys.argv[1:]]) + "`", ""]
+    lines += ["", f"Command: `{args.command}`", ""]
     (args.out / "summary.md").write_text("\n".join(lines))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="base model folder (default: the demo)")
     parser.add_argument("serve_args", nargs="*", help="extra `loraplex serve` flags after --")
     args = parser.parse_args(argv)
+    args.command = " ".join(["python -m loadtests.run", *(sys.argv[1:] if argv is None else argv)])
     from loader.demo import prepare_demo
     from loadtests.adapters import populate
 

@@ -7,8 +7,6 @@ stable."""
 from __future__ import annotations
 
 import random
-import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,17 +15,10 @@ import httpx
 import pytest
 
 from loadtests.adapters import make_template, random_copy
+from loadtests.soak import IDLE_GAUGES, RSS_GROWTH_LIMIT, rss_bytes, wait_idle
 
 ADAPTERS = [f"a{i}" for i in range(6)]
-IDLE_GAUGES = (
-    "loraplex_running_sequences",
-    "loraplex_waiting_sequences",
-    "loraplex_kv_used_blocks",
-    "loraplex_adapter_pins",
-    "loraplex_open_streams",
-)
 WARMUP, ROUNDS, PER_ROUND = 50, 3, 50
-RSS_GROWTH = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -87,43 +78,20 @@ def run_wave(srv, start: int, count: int) -> None:
         list(pool.map(lambda i: one_request(srv, i), range(start, start + count)))
 
 
-def gauges(srv) -> dict[str, float]:
-    text = httpx.get(srv.url + "/metrics", timeout=30).text
-    found = {}
-    for name in (*IDLE_GAUGES, "loraplex_engine_preemptions_total", "loraplex_adapter_loads_total"):
-        match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
-        found[name] = float(match.group(1)) if match else float("nan")
-    return found
-
-
-def wait_idle(srv, timeout_s: float = 120) -> dict[str, float]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        now = gauges(srv)
-        if all(now[name] == 0 for name in IDLE_GAUGES) or time.monotonic() > deadline:
-            return now
-        time.sleep(0.5)
-
-
-def rss_bytes(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE).group(1)) * 1024
-
-
 def test_counters_return_to_zero_and_rss_is_stable(srv):
     run_wave(srv, 0, WARMUP)
-    idle = wait_idle(srv)
+    idle = wait_idle(srv.url)
     assert all(idle[name] == 0 for name in IDLE_GAUGES), idle
     warm = rss_bytes(srv.proc.pid)
     samples = []
     for r in range(ROUNDS):
         run_wave(srv, WARMUP + r * PER_ROUND, PER_ROUND)
-        idle = wait_idle(srv)
+        idle = wait_idle(srv.url)
         assert all(idle[name] == 0 for name in IDLE_GAUGES), (r, idle)
         samples.append(rss_bytes(srv.proc.pid))
     assert idle["loraplex_engine_preemptions_total"] > 0  # the small pool preempted
     assert idle["loraplex_adapter_loads_total"] > len(ADAPTERS)  # adapters went cold and back
     mib = [round(s / 2**20) for s in (warm, *samples)]
     print(f"RSS MiB after warm-up, then per round: {mib}")
-    assert max(samples) < warm * (1 + RSS_GROWTH), mib
+    assert max(samples) < warm * (1 + RSS_GROWTH_LIMIT), mib
     assert httpx.get(srv.url + "/health", timeout=5).status_code == 200
