@@ -13,6 +13,7 @@ import json
 import os
 import random
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +204,7 @@ class ChurnUser(LoraplexUser):
         if not folders:
             return
         folder = random.choice(folders)
-        name = f"churn-{folder.name}-{random.randrange(1000)}"
+        name = f"churn-{folder.name}-{uuid.uuid4().hex[:12]}"  # never another user's
         admin = headers(ADMIN_KEY)
         load = {"lora_name": name, "lora_path": str(folder)}
         response = self.client.post(

@@ -65,23 +65,35 @@ def wait_idle(url: str, timeout_s: float = IDLE_TIMEOUT_S) -> dict[str, float]:
         time.sleep(0.5)
 
 
-class Sampler(threading.Thread):
-    """Samples RSS (MiB) and the gauges every period_s into rows, with a progress bar."""
+FIELDS = ("t_s", "rss_mib", *IDLE_GAUGES, *COUNTERS)
 
-    def __init__(self, url: str, pid: int, period_s: float, total_s: float) -> None:
+
+class Sampler(threading.Thread):
+    """Samples RSS (MiB) and the gauges every period_s into rows and the CSV at path (as they
+    come: a cut-short run keeps its samples), with a progress bar."""
+
+    def __init__(self, url: str, pid: int, period_s: float, total_s: float, path: Path) -> None:
         super().__init__(daemon=True)
         self.url, self.pid, self.period_s, self.total_s = url, pid, period_s, total_s
+        self.path = path
         self.rows: list[dict[str, float]] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
         start = time.monotonic()
-        with tqdm(total=round(self.total_s), unit="s", desc="soak") as bar:
+        with (
+            open(self.path, "w", newline="") as out,
+            tqdm(total=round(self.total_s), unit="s", desc="soak") as bar,
+        ):
+            writer = csv.DictWriter(out, fieldnames=FIELDS)
+            writer.writeheader()
             while not self.stop.is_set():
                 elapsed = time.monotonic() - start
                 try:
                     row = {"t_s": elapsed, "rss_mib": rss_bytes(self.pid) / 2**20}
                     self.rows.append(row | gauges(self.url))
+                    writer.writerow(self.rows[-1])
+                    out.flush()
                 except (OSError, httpx.HTTPError):
                     pass  # the server is busy or gone: the next sample tells
                 bar.update(min(round(elapsed), bar.total) - bar.n)
@@ -111,7 +123,7 @@ def plot_rss(rows: list[dict[str, float]], warm_s: float, limit_mib: float, path
 def report(
     args: argparse.Namespace, rows: list[dict[str, float]], idle: dict, load: dict, rss_idle: float
 ) -> dict:
-    """soak.json, soak.csv, rss.png and soak.md from the samples; the verdict under "ok"."""
+    """soak.json, rss.png and soak.md from the samples; the verdict under "ok"."""
     warm_s = args.minutes * 60 * WARMUP_FRACTION
     after = [r for r in rows if r["t_s"] >= warm_s] or rows[-1:]
     warm = after[0]["rss_mib"]
@@ -132,10 +144,6 @@ def report(
         "ok": not load["failures"] and not leaked and growth < RSS_GROWTH_LIMIT,
     }
     (args.out / "soak.json").write_text(json.dumps(result, indent=2))
-    with open(args.out / "soak.csv", "w", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     plot_rss(rows, warm_s, warm * (1 + RSS_GROWTH_LIMIT), args.out / "rss.png")
     lines = [
         f"# Soak: {args.minutes:g} min, {args.users} users, {load['adapters']} adapters",
@@ -183,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     churn = args.work / "churn"
     populate(churn, Path(args.model), 2)
     proc, url = start_server(args, args.work / "adapters", churn, args.out / "server.log")
-    sampler = Sampler(url, proc.pid, args.sample_s, args.duration)
+    sampler = Sampler(url, proc.pid, args.sample_s, args.duration, args.out / "soak.csv")
     try:
         sampler.start()
         run_locust(args, url, churn)
