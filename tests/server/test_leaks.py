@@ -62,7 +62,7 @@ def one_request(srv, i: int) -> str:
                 pass
         elif kind == "refused":
             bad = rng.choice(
-                [{"model": "nope"}, {"temperature": -1}, {"max_tokens": 10_000}, {"n": 99}]
+                [{"model": "nope"}, {"temperature": -1}, {"prompt": "hi " * 9000}, {"n": 99}]
             )
             assert httpx.post(url, json={**body, **bad}, timeout=60).status_code in (400, 404)
         else:
