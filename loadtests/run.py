@@ -59,6 +59,21 @@ def start_server(args: argparse.Namespace, adapters: Path, churn: Path, log: Pat
     raise RuntimeError("server not ready in time")
 
 
+def serve_for_load(args: argparse.Namespace) -> tuple[list[str], Path, subprocess.Popen, str]:
+    """The adapters (demo ones plus random up to args.adapters) and the churn folder under
+    args.work, and the server on them: (adapter names, churn folder, process, url)."""
+    from loader.demo import prepare_demo
+    from loadtests.adapters import populate
+
+    args.model = args.model or str(prepare_demo())
+    args.out.mkdir(parents=True, exist_ok=True)
+    names = populate(args.work / "adapters", Path(args.model), args.adapters, args.demo_adapters)
+    churn = args.work / "churn"
+    populate(churn, Path(args.model), 2)
+    proc, url = start_server(args, args.work / "adapters", churn, args.out / "server.log")
+    return names, churn, proc, url
+
+
 def run_locust(args: argparse.Namespace, url: str, churn: Path) -> int:
     """Headless locust against url; writes locust_*.csv and report.html under args.out."""
     env = {
@@ -147,15 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("serve_args", nargs="*", help="extra `loraplex serve` flags after --")
     args = parser.parse_args(argv)
     args.command = " ".join(["python -m loadtests.run", *(sys.argv[1:] if argv is None else argv)])
-    from loader.demo import prepare_demo
-    from loadtests.adapters import populate
-
-    args.model = args.model or str(prepare_demo())
-    args.out.mkdir(parents=True, exist_ok=True)
-    names = populate(args.work / "adapters", Path(args.model), args.adapters, args.demo_adapters)
-    churn = args.work / "churn"
-    populate(churn, Path(args.model), 2)
-    proc, url = start_server(args, args.work / "adapters", churn, args.out / "server.log")
+    names, churn, proc, url = serve_for_load(args)
     try:
         run_locust(args, url, churn)
     finally:

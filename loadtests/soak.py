@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from loadtests.run import run_locust, start_server, summarize
+from loadtests.run import run_locust, serve_for_load, summarize
 
 IDLE_GAUGES = (
     "loraplex_running_sequences",
@@ -182,15 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.scenario, args.duration = "all", max(1, round(args.minutes * 60))
     args.command = " ".join(["python -m loadtests.soak", *(sys.argv[1:] if argv is None else argv)])
-    from loader.demo import prepare_demo
-    from loadtests.adapters import populate
-
-    args.model = args.model or str(prepare_demo())
-    args.out.mkdir(parents=True, exist_ok=True)
-    names = populate(args.work / "adapters", Path(args.model), args.adapters, args.demo_adapters)
-    churn = args.work / "churn"
-    populate(churn, Path(args.model), 2)
-    proc, url = start_server(args, args.work / "adapters", churn, args.out / "server.log")
+    names, churn, proc, url = serve_for_load(args)
     sampler = Sampler(url, proc.pid, args.sample_s, args.duration, args.out / "soak.csv")
     try:
         sampler.start()
