@@ -59,6 +59,19 @@ def start_server(args: argparse.Namespace, adapters: Path, churn: Path, log: Pat
     raise RuntimeError("server not ready in time")
 
 
+def add_load_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """The options the load test and the soak share (reports under results/NAME)."""
+    parser.add_argument("--users", type=int, default=16)
+    parser.add_argument("--spawn-rate", type=float, default=4)
+    parser.add_argument("--adapters", type=int, default=64, help="adapters served in all")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=Path("results") / name)
+    parser.add_argument("--work", type=Path, default=Path(f"/tmp/loraplex-{name}"))
+    parser.add_argument("--demo-adapters", type=Path, default=Path("demo-adapters"))
+    parser.add_argument("--model", default=None, help="base model folder (default: the demo)")
+    parser.add_argument("serve_args", nargs="*", help="extra `loraplex serve` flags after --")
+
+
 def serve_for_load(args: argparse.Namespace) -> tuple[list[str], Path, subprocess.Popen, str]:
     """The adapters (demo ones plus random up to args.adapters) and the churn folder under
     args.work, and the server on them: (adapter names, churn folder, process, url)."""
@@ -149,17 +162,9 @@ def summarize(args: argparse.Namespace, adapters: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Run one bounded load test; 0 when nothing failed."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--users", type=int, default=16)
-    parser.add_argument("--spawn-rate", type=float, default=4)
     parser.add_argument("--duration", type=int, default=60)
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="all")
-    parser.add_argument("--adapters", type=int, default=64, help="adapters served in all")
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--out", type=Path, default=Path("results/loadtest"))
-    parser.add_argument("--work", type=Path, default=Path("/tmp/loraplex-loadtest"))
-    parser.add_argument("--demo-adapters", type=Path, default=Path("demo-adapters"))
-    parser.add_argument("--model", default=None, help="base model folder (default: the demo)")
-    parser.add_argument("serve_args", nargs="*", help="extra `loraplex serve` flags after --")
+    add_load_arguments(parser, "loadtest")
     args = parser.parse_args(argv)
     args.command = " ".join(["python -m loadtests.run", *(sys.argv[1:] if argv is None else argv)])
     names, churn, proc, url = serve_for_load(args)

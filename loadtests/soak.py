@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from loadtests.run import run_locust, serve_for_load, summarize
+from loadtests.run import add_load_arguments, run_locust, serve_for_load, summarize
 
 IDLE_GAUGES = (
     "loraplex_running_sequences",
@@ -169,16 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run one soak; 0 when nothing failed or leaked."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=30)
-    parser.add_argument("--users", type=int, default=16)
-    parser.add_argument("--spawn-rate", type=float, default=4)
-    parser.add_argument("--adapters", type=int, default=64, help="adapters served in all")
-    parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--sample-s", type=float, default=10, help="seconds between samples")
-    parser.add_argument("--out", type=Path, default=Path("results/soak"))
-    parser.add_argument("--work", type=Path, default=Path("/tmp/loraplex-soak"))
-    parser.add_argument("--demo-adapters", type=Path, default=Path("demo-adapters"))
-    parser.add_argument("--model", default=None, help="base model folder (default: the demo)")
-    parser.add_argument("serve_args", nargs="*", help="extra `loraplex serve` flags after --")
+    add_load_arguments(parser, "soak")
     args = parser.parse_args(argv)
     args.scenario, args.duration = "all", max(1, round(args.minutes * 60))
     args.command = " ".join(["python -m loadtests.soak", *(sys.argv[1:] if argv is None else argv)])
