@@ -19,10 +19,16 @@ from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.grammar import advance, constrain
 from server.engine.kv_cache import KVCache
 from server.engine.runner import ModelRunner
-from server.engine.sampler import sample
+from server.engine.sampler import sample, score
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence, Status
-from server.engine.types import EngineError, EngineStats, SamplingParams, TokenOutput
+from server.engine.types import (
+    EngineError,
+    EngineStats,
+    Logprob,
+    SamplingParams,
+    TokenOutput,
+)
 
 log = logging.getLogger("loraplex.engine")
 
@@ -190,7 +196,7 @@ class EngineCore:
             return outputs
         self.steps += 1
         try:
-            seqs, logits = self.runner.run(batch)
+            step, logits, prompt_logits = self.runner.run(batch)
         except Exception as error:  # noqa: BLE001 - fail this batch's requests, keep serving
             log.exception("forward failed; failing %d requests", len(batch.items))
             outputs += [self._fail(seq, f"internal error: {error}") for seq, _ in batch.items]
@@ -199,19 +205,46 @@ class EngineCore:
             seq.num_computed += n
             self.kv.trim(seq)
             self._offer_blocks(seq)
-        finite = torch.isfinite(logits).all(-1).tolist() if seqs else []
-        healthy = [s for s, ok in zip(seqs, finite, strict=True) if ok]
-        outputs += [
-            self._fail(s, "non-finite logits") for s, ok in zip(seqs, finite, strict=True) if not ok
-        ]
-        rows = [i for i, ok in enumerate(finite) if ok]
+        failed = self._score_prompts(step.prompt_scores, prompt_logits)
+        outputs += [self._fail(seq, "non-finite logits") for seq in failed]
+        finite = torch.isfinite(logits).all(-1).tolist()
+        healthy, rows = [], []
+        for row, (seq, ok) in enumerate(zip(step.sample_seqs, finite, strict=True)):
+            if seq in failed:
+                continue
+            if not ok:
+                outputs.append(self._fail(seq, "non-finite logits"))
+            elif seq.params.max_tokens == 0:  # the prompt alone was to be scored
+                outputs.append(self._finish_unsampled(seq))
+            else:
+                healthy.append(seq)
+                rows.append(row)
         raw = logits[rows]  # [N, V]
-        for seq, drawn in zip(healthy, sample(constrain(raw, healthy), healthy, raw), strict=True):
-            if not advance(seq, drawn.token_id):
+        drawn = sample(constrain(raw, healthy), healthy, raw, self.eos_ids)
+        for seq, token in zip(healthy, drawn, strict=True):
+            if not advance(seq, token.token_id):
                 outputs.append(self._fail(seq, "the grammar refused the sampled token"))
                 continue
-            outputs.append(self._append(seq, drawn.token_id, drawn.logprob, drawn.top_logprobs))
+            outputs.append(self._append(seq, token.token_id, token.logprob, token.top_logprobs))
         return outputs
+
+    def _score_prompts(
+        self, spans: list[tuple[Sequence, int, int, int]], logits: torch.Tensor
+    ) -> list[Sequence]:
+        """Append to each sequence's prompt_logprobs the scores of the prompt tokens its rows of
+        logits [P, V] predict; the sequences whose rows are not finite."""
+        failed, offset = [], 0
+        for seq, first, _, count in spans:
+            rows = logits[offset : offset + count]  # [count, V]
+            offset += count
+            if not bool(torch.isfinite(rows).all()):
+                failed.append(seq)
+                continue
+            targets = torch.tensor(
+                seq.prompt_ids[first + 1 : first + 1 + count], device=rows.device
+            )
+            seq.prompt_logprobs.extend(score(rows, targets, seq.params.prompt_logprobs or 0))
+        return failed
 
     def _offer_blocks(self, seq: Sequence) -> None:
         """Put seq's newly full blocks in the prefix cache, unless its adapter version was replaced
@@ -245,7 +278,24 @@ class EngineCore:
             top,
             len(seq.prompt_ids),
             cached_tokens=seq.cached_tokens or 0,
+            prompt_logprobs=self._prompt_logprobs(seq) if len(seq.output_ids) == 1 else None,
         )
+
+    def _finish_unsampled(self, seq: Sequence) -> TokenOutput:
+        """End a request whose prompt was scored and that asked for no tokens (max_tokens 0)."""
+        self.seqs.pop(seq.request_id, None)
+        self.scheduler.finish(seq)
+        return TokenOutput(
+            seq.request_id,
+            None,
+            "length",
+            prompt_tokens=len(seq.prompt_ids),
+            prompt_logprobs=self._prompt_logprobs(seq),
+        )
+
+    @staticmethod
+    def _prompt_logprobs(seq: Sequence) -> list[Logprob | None] | None:
+        return seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None
 
     def _fail(self, seq: Sequence, message: str, code: str | None = None) -> TokenOutput:
         self.seqs.pop(seq.request_id, None)

@@ -28,6 +28,13 @@ class PackedStep:
     prefills: list[PrefillChunk] = field(default_factory=list)
     sample_seqs: list[Sequence] = field(default_factory=list)
     sample_rows: list[int] = field(default_factory=list)
+    # sequences that asked for prompt logprobs: (seq, first position scored, its packed row, count)
+    prompt_scores: list[tuple[Sequence, int, int, int]] = field(default_factory=list)
+
+    @property
+    def prompt_rows(self) -> list[int]:
+        """Packed rows whose logits score the next prompt token, in prompt_scores order."""
+        return [r for _, _, row, n in self.prompt_scores for r in range(row, row + n)]
 
     @property
     def decode_only(self) -> bool:
@@ -49,6 +56,11 @@ def pack(batch: ScheduledBatch, kv: KVCache) -> PackedStep:
             step.decode_index.append(kv.indices(seq, 0, start + 1))
         else:
             step.prefills.append(PrefillChunk(row, row + n, start, kv.indices(seq, 0, start + n)))
+        if seq.params.prompt_logprobs is not None:  # logits at position p score prompt token p + 1
+            first = max(start, len(seq.prompt_logprobs) - 1)  # preempted: scored already
+            end = min(start + n, len(seq.prompt_ids) - 1)
+            if first < end:
+                step.prompt_scores.append((seq, first, row + first - start, end - first))
         if start + n == seq.length:  # the chunk reaches the end: sample the next token
             step.sample_seqs.append(seq)
             step.sample_rows.append(row + n - 1)
@@ -99,18 +111,25 @@ class ModelRunner:
         }
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
-        """Forward the batch; returns the sequences to sample and their logits [N, V] in float32."""
+    def run(self, batch: ScheduledBatch) -> tuple[PackedStep, torch.Tensor, torch.Tensor]:
+        """Forward the batch; returns the packed step, the logits [N, V] of its sample rows and
+        those [P, V] of its prompt rows, in float32."""
         step = pack(batch, self.kv)
         if self.graphs is not None and step.decode_only and self.graphs.fits(step):
-            return step.sample_seqs, self.graphs.run(step)
+            logits = self.graphs.run(step)
+            return step, logits, logits[:0]
         inputs = self.eager_inputs(step)
-        rows = torch.tensor(step.sample_rows, dtype=torch.int64, device=self.device)  # [N]
+        keep = step.sample_rows + step.prompt_rows
+        rows = torch.tensor(keep, dtype=torch.int64, device=self.device)  # [N + P]
         self.routing.set(inputs.pop("lora_slots"))
         try:
             # the model's own head: final softcapping, logit scales and tied weights as it computes
             # them, only for the rows that sample
-            logits = self.model(**inputs, use_cache=False, logits_to_keep=rows).logits  # [1, N, V]
+            logits = self.model(
+                **inputs, use_cache=False, logits_to_keep=rows
+            ).logits  # [1, N+P, V]
         finally:
             self.routing.set(None)
-        return step.sample_seqs, logits[0].float()
+        logits = logits[0].float()
+        sampled = len(step.sample_rows)
+        return step, logits[:sampled], logits[sampled:]

@@ -143,8 +143,9 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
-        """The cached blocks seq can start from, under its adapter slot's weights and namespace."""
-        if self.kv.prefix is None:
+        """The cached blocks seq can start from, under its adapter slot's weights and namespace
+        (none when it asked for prompt logprobs: every prompt row must be computed)."""
+        if self.kv.prefix is None or seq.params.prompt_logprobs is not None:
             return []
         if not seq.cache_root:
             identity = self.slots.digests[seq.slot] if seq.slot >= 0 else BASE_IDENTITY

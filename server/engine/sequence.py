@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import xgrammar as xgr
 
-from server.engine.types import SamplingParams
+from server.engine.types import Logprob, SamplingParams
 
 _arrival = itertools.count()
 
@@ -37,7 +37,7 @@ class Sequence:
     slot: int = -1
     status: Status = Status.WAITING
     arrival: int = field(default_factory=lambda: next(_arrival))
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # a seeded request's, made on its first draw
     preempted: int = 0
     # prefix caching: the namespace the server put the request in, its chain root (set at first
     # admission, from its adapter slot's weights), the keys of its full blocks, how many leading
@@ -48,16 +48,13 @@ class Sequence:
     cached_blocks: int = 0
     cached_tokens: int | None = None
     matcher: Any = None  # xgrammar.GrammarMatcher of a constrained request (its state so far)
+    # when the request asked for them: the logprobs of its prompt tokens scored so far (None for
+    # the first token)
+    prompt_logprobs: list[Logprob | None] = field(default_factory=lambda: [None])
 
     def __post_init__(self) -> None:
         if self.params.grammar is not None:
             self.matcher = xgr.GrammarMatcher(self.params.grammar)
-        if not self.params.greedy:
-            self.generator = torch.Generator()
-            if self.params.seed is not None:
-                self.generator.manual_seed(self.params.seed)
-            else:
-                self.generator.seed()
 
     @property
     def tokens(self) -> list[int]:

@@ -27,30 +27,67 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    min_p: float = 0.0
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = 0  # stop tokens and EOS are masked until this many tokens are out
+    presence_penalty: float = 0.0  # OpenAI's, over the generated tokens
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # over prompt and generated tokens (CTRL, as transformers)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to its logit
     logprobs: int | None = None
+    # logprobs of the prompt's tokens (None for the first) with this many top alternatives each
+    prompt_logprobs: int | None = None
     # an xgrammar.CompiledGrammar: every sampled token must keep the output inside it, and the
     # request stops when the grammar is complete (its only next token is an end of sequence)
     grammar: Any = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError("max_tokens must be >= 1")
+        if self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
+            raise ValueError("max_tokens must be >= 1 (0 only to score the prompt)")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError("logprobs must be between 0 and 20")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError("min_p must be in [0, 1]")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError("min_tokens must be in [0, max_tokens]")
+        if not (-2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2):
+            raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
+        if any(not -100 <= bias <= 100 for _, bias in self.logit_bias):
+            raise ValueError("logit_bias values must be in [-100, 100]")
+        for k in (self.logprobs, self.prompt_logprobs):
+            if k is not None and not 0 <= k <= 20:
+                raise ValueError("logprobs and prompt_logprobs must be between 0 and 20")
 
     @property
     def greedy(self) -> bool:
         """Whether decoding is deterministic argmax (vLLM's rule: logits over a temperature this
         small overflow to inf)."""
         return self.temperature < GREEDY_BELOW
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty changes this request's logits."""
+        return bool(self.presence_penalty or self.frequency_penalty) or (
+            self.repetition_penalty != 1.0
+        )
+
+
+@dataclass
+class Logprob:
+    """A token's logprob given the tokens before it, its rank in the vocabulary (1: the most
+    likely; tokens of equal logprob count as ahead, as vLLM counts) and the top alternatives
+    (token id, logprob)."""
+
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -64,6 +101,8 @@ class TokenOutput:
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    # with a request's first output when it asked: one entry per prompt token, None for the first
+    prompt_logprobs: list[Logprob | None] | None = None
     error: str | None = None
     error_code: str | None = None  # machine-readable reason of an "error" finish, when known
 
