@@ -18,6 +18,7 @@ from server.openai_routes import router as openai_router
 from server.openapi import state_limits
 from server.response_schemas import Health
 from server.state import ServerState, get_state
+from server.tokenize_routes import router as tokenize_router
 
 
 def create_app(engine: Any, config: Config) -> FastAPI:
@@ -32,6 +33,7 @@ def create_app(engine: Any, config: Config) -> FastAPI:
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(admin_router)
+    app.include_router(tokenize_router)
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health}})
     async def health() -> Response:

@@ -39,6 +39,8 @@ RUNTIME_RULES = {
     "grammar_too_complex": "a grammar that does not compile within --grammar-compile-timeout-s",
     "unknown_tool": "a tool_choice naming a function that is not in tools",
     "template_rejected": "messages the model's chat template refuses (for example role order)",
+    "token_out_of_vocabulary": "a logit_bias key that is not a token id of the model",
+    "min_tokens_above_max_tokens": "min_tokens above max_tokens (or the context left)",
 }
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -96,7 +98,8 @@ def from_validation_error(error: RequestValidationError) -> APIError:
     if not details:
         return APIError("invalid request", 400, "invalid_request")
     first = details[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # a bad mapping key is named by its path (pydantic adds a "[key]" part)
+    loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "[key]")]
     # name the field, not the union member
     loc = loc[: next((i for i, part in enumerate(loc) if UNION_MEMBER.match(part)), len(loc))]
     param = ".".join(loc) or None

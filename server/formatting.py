@@ -10,6 +10,25 @@ from server.generation import ChoiceDelta, TokenLogprob
 from server.tool_calls import ToolCall, ToolCallStream, parse_tool_calls
 
 
+def vllm_prompt_logprobs(entries: list[TokenLogprob] | None) -> list[dict | None] | None:
+    """vLLM's prompt_logprobs: per prompt token (None for the first) its own entry and its top
+    alternatives', keyed by token id."""
+    if entries is None:
+        return None
+    out: list[dict | None] = []
+    for e in entries:
+        if e.logprob is None:
+            out.append(None)
+            continue
+        own = {str(e.token_id): {"logprob": e.logprob, "rank": e.rank, "decoded_token": e.token}}
+        top = {
+            str(tid): {"logprob": lp, "rank": rank, "decoded_token": text}
+            for rank, (tid, text, lp) in enumerate(e.top, 1)
+        }
+        out.append(top | own)
+    return out
+
+
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     """OpenAI's usage object (cached_tokens: prompt tokens whose KV came from the prefix cache)."""
     return {
@@ -36,6 +55,7 @@ class ResponseFormat:
         self.texts = [""] * num_choices
         self.token_logprobs: list[list[TokenLogprob]] = [[] for _ in range(num_choices)]
         self.finish_reasons: list[str | None] = [None] * num_choices
+        self.prompt_logprobs: list[list[TokenLogprob] | None] = [None] * num_choices
 
     def add(self, delta: ChoiceDelta) -> None:
         """Accumulate a delta for the final (non-streamed) response."""
@@ -43,6 +63,8 @@ class ResponseFormat:
         self.token_logprobs[delta.index] += delta.logprobs
         if delta.finish_reason is not None:
             self.finish_reasons[delta.index] = delta.finish_reason
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs[delta.index] = delta.prompt_logprobs
 
     def _envelope(self, choices: list[dict[str, Any]], obj: str) -> dict[str, Any]:
         return {
@@ -109,27 +131,36 @@ class CompletionFormat(ResponseFormat):
         return {
             "tokens": [e.token for e in entries],
             "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [dict(e.top) for e in entries],
+            "top_logprobs": [
+                None if e.logprob is None else {text: lp for _, text, lp in e.top} for e in entries
+            ],
             "text_offset": text_offset,
         }
 
     def _chunk_choice(self, delta: ChoiceDelta) -> dict[str, Any] | None:
         if not delta.text and not delta.logprobs and delta.finish_reason is None:
-            return None
-        return {
+            if delta.prompt_logprobs is None:
+                return None
+        choice = {
             "index": delta.index,
             "text": delta.text,
             "logprobs": self._legacy_logprobs(delta.index, delta.logprobs),
             "finish_reason": delta.finish_reason,
         }
+        if delta.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(delta.prompt_logprobs)
+        return choice
 
     def _final_choice(self, index: int) -> dict[str, Any]:
-        return {
+        choice = {
             "index": index,
             "text": self.texts[index],
             "logprobs": self._legacy_logprobs(index, self.token_logprobs[index]),
             "finish_reason": self.finish_reasons[index],
         }
+        if self.prompt_logprobs[index] is not None:
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(self.prompt_logprobs[index])
+        return choice
 
 
 def _chat_entry(token: str, logprob: float) -> dict[str, Any]:
@@ -165,9 +196,25 @@ class ChatFormat(ResponseFormat):
         content = []
         for e in entries:
             entry = _chat_entry(e.token, e.logprob)
-            entry["top_logprobs"] = [_chat_entry(t, lp) for t, lp in e.top]
+            entry["top_logprobs"] = [_chat_entry(t, lp) for _, t, lp in e.top]
             content.append(entry)
         return {"content": content, "refusal": None}
+
+    def chunk(self, delta: ChoiceDelta) -> dict[str, Any] | None:
+        """The stream chunk of a delta; the first choice's first one carries the prompt's
+        logprobs when they were asked for (at the top level, as in vLLM's chat response)."""
+        body = super().chunk(delta)
+        if delta.prompt_logprobs is not None and delta.index == 0:
+            body = body or self._envelope([], self.chunk_object)
+            body["prompt_logprobs"] = vllm_prompt_logprobs(delta.prompt_logprobs)
+        return body
+
+    def response(self, used: dict[str, int]) -> dict[str, Any]:
+        """The whole non-streamed response, with the prompt's logprobs when asked for."""
+        body = super().response(used)
+        if self.prompt_logprobs[0] is not None:
+            body["prompt_logprobs"] = vllm_prompt_logprobs(self.prompt_logprobs[0])
+        return body
 
     def opening_chunks(self) -> list[dict[str, Any]]:
         """One chunk per choice announcing the assistant role."""

@@ -29,11 +29,28 @@ Event = tuple[int, TokenOutput | BaseException | None]  # None: the engine strea
 
 @dataclass
 class TokenLogprob:
-    """One generated token's text, logprob and top alternatives (text, logprob)."""
+    """One token's id, text and logprob (None: a prompt's first token, which nothing predicts),
+    its rank when known, and the top alternatives (token id, text, logprob)."""
 
+    token_id: int
     token: str
-    logprob: float
-    top: list[tuple[str, float]] = field(default_factory=list)
+    logprob: float | None
+    rank: int | None = None
+    top: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """How a choice's tokens become its output: stop strings (kept in the text with
+    include_stop, as the stop token that ended it is), special tokens skipped or not, per prompt
+    the text echoed before the completion (None: no echo), and whether the first delta carries
+    the prompt's logprobs (vLLM's prompt_logprobs)."""
+
+    stops: tuple[str, ...] = ()
+    include_stop: bool = False
+    skip_special_tokens: bool = True
+    echo: tuple[str, ...] | None = None
+    prompt_logprobs: bool = False
 
 
 @dataclass
@@ -46,14 +63,18 @@ class ChoiceDelta:
     finish_reason: str | None = None
     error: str | None = None
     error_code: str | None = None  # machine-readable reason of an "error" finish, when known
+    # on a choice's first delta when the request asked: its prompt's tokens and their logprobs
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
 class ChoiceState:
-    """Per-choice bookkeeping: detokenizer, stop matcher, counts, timing."""
+    """Per-choice bookkeeping: its prompt, detokenizer, stop matcher, counts, timing."""
 
+    prompt: int  # index of its prompt
     detok: IncrementalDetokenizer
     stops: StopMatcher
+    opened: bool = False  # whether its first delta went out
     tokens: int = 0
     finish_reason: str | None = None
     last_token_at: float | None = None
@@ -90,7 +111,7 @@ class Generation:
         adapter: str | None,
         params: SamplingParams,
         n: int,
-        stops: list[str],
+        text: OutputOptions,
         request_id: str,
         timeout_s: float,
         on_token: TokenObserver | None = None,
@@ -107,13 +128,17 @@ class Generation:
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.jobs: list[tuple[list[int], SamplingParams]] = []
         self.states: list[ChoiceState] = []
-        for prompt in prompts:
+        self.text = text
+        self.min_tokens = params.min_tokens
+        self.prompts = prompts
+        self._prompt_entries: dict[int, list[TokenLogprob]] = {}
+        for number, prompt in enumerate(prompts):
             for j in range(n):
                 seed = None if params.seed is None else params.seed + j
                 self.jobs.append((prompt, dataclasses.replace(params, seed=seed)))
-                self.states.append(
-                    ChoiceState(IncrementalDetokenizer(tokenizer, prompt), StopMatcher(stops))
-                )
+                detok = IncrementalDetokenizer(tokenizer, prompt, text.skip_special_tokens)
+                stops = StopMatcher(text.stops, text.include_stop)
+                self.states.append(ChoiceState(number, detok, stops))
         self.first_choices = range(0, len(self.jobs), n)  # each prompt's first choice
         self.cached = [0] * len(self.jobs)  # prompt tokens each choice found in the prefix cache
         self.want_logprobs = params.logprobs is not None
@@ -204,22 +229,53 @@ class Generation:
             if item is not None:
                 log.error("engine stream of %s failed: %r", self.engine_id(index), item)
             return self._finish(index, "error", "", [], "the engine failed")
-        text, logprobs = "", []
+        text, logprobs, prompt = "", [], None
+        if not state.opened:  # the echoed prompt and the prompt's scores come first
+            state.opened = True
+            scored = self._prompt_scores(state.prompt, item)
+            prompt = scored if self.text.prompt_logprobs else None
+            if self.text.echo is not None:
+                text = self.text.echo[state.prompt]
+                logprobs = list(scored or []) if self.want_logprobs else []
         if item.token_id is not None:
             self.cached[index] = item.cached_tokens
             state.tokens += 1
             self._observe(state)
-            text = state.stops.feed(state.detok.add(item.token_id))
+            # a stop token (EOS or stop_token_ids) ends the text without its own, unless asked
+            ended = item.finish_reason == "stop" and not self.text.include_stop
+            piece = "" if ended else state.detok.add(item.token_id)
+            text += state.stops.feed(piece) if state.tokens >= self.min_tokens else piece
             if self.want_logprobs and item.logprob is not None:
                 logprobs.append(self._logprob(item))
             if state.stops.stopped:
-                return self._finish(index, "stop", text, logprobs)
+                return self._finish(index, "stop", text, logprobs, prompt=prompt)
         if item.finish_reason is not None:
             text += state.stops.feed(state.detok.flush())
             reason = "stop" if state.stops.stopped else item.finish_reason
             rest = text + state.stops.flush()
-            return self._finish(index, reason, rest, logprobs, item.error, item.error_code)
-        return ChoiceDelta(index, text, logprobs)
+            return self._finish(
+                index, reason, rest, logprobs, item.error, item.error_code, prompt=prompt
+            )
+        return ChoiceDelta(index, text, logprobs, prompt_logprobs=prompt)
+
+    def _prompt_scores(self, number: int, out: TokenOutput) -> list[TokenLogprob] | None:
+        """The tokens and logprobs of prompt `number` from its first output (built once per
+        prompt); None when the engine did not score it."""
+        if out.prompt_logprobs is None:
+            return None
+        if number not in self._prompt_entries:
+            decode = self.tokenizer.decode
+            entries = []
+            for token, scored in zip(self.prompts[number], out.prompt_logprobs, strict=True):
+                if scored is None:
+                    entries.append(TokenLogprob(token, decode([token]), None))
+                    continue
+                top = [(t, decode([t]), lp) for t, lp in scored.top]
+                entries.append(
+                    TokenLogprob(token, decode([token]), scored.logprob, scored.rank, top)
+                )
+            self._prompt_entries[number] = entries
+        return self._prompt_entries[number]
 
     def _finish(
         self,
@@ -229,10 +285,11 @@ class Generation:
         logprobs: list[TokenLogprob],
         error: str | None = None,
         error_code: str | None = None,
+        prompt: list[TokenLogprob] | None = None,
     ) -> ChoiceDelta:
         self.states[index].finish_reason = reason
         self._abort(index)
-        return ChoiceDelta(index, text, logprobs, reason, error, error_code)
+        return ChoiceDelta(index, text, logprobs, reason, error, error_code, prompt)
 
     def _observe(self, state: ChoiceState) -> None:
         now = time.monotonic()
@@ -245,8 +302,8 @@ class Generation:
 
     def _logprob(self, out: TokenOutput) -> TokenLogprob:
         decode = self.tokenizer.decode
-        top = [(decode([tid]), lp) for tid, lp in out.top_logprobs]
-        return TokenLogprob(decode([out.token_id]), float(out.logprob), top)
+        top = [(tid, decode([tid]), lp) for tid, lp in out.top_logprobs]
+        return TokenLogprob(out.token_id, decode([out.token_id]), float(out.logprob), top=top)
 
     def _abort(self, index: int) -> None:
         if index < len(self._tasks) and not self._tasks[index].done():

@@ -19,6 +19,7 @@ from server.errors import error_body
 PROTECTED_PREFIX = "/v1"
 ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+KEYED_PATHS = frozenset({"/tokenize", "/detokenize"})  # vLLM's, outside /v1
 RETRY_AFTER_S = "1"
 
 
@@ -84,7 +85,8 @@ class Guard:
 
     async def _check(self, scope: Scope, receive: Receive) -> tuple[JSONResponse | None, Receive]:
         path = scope.get("path", "")
-        if not (path == PROTECTED_PREFIX or path.startswith(PROTECTED_PREFIX + "/")):
+        protected = path == PROTECTED_PREFIX or path.startswith(PROTECTED_PREFIX + "/")
+        if not (protected or path in KEYED_PATHS):
             return None, receive
         key = None
         if self.keys.enabled:

@@ -16,6 +16,7 @@ from server.response_schemas import (
     ChatCompletionChunk,
     Completion,
     CompletionChunk,
+    ModelCard,
     ModelList,
     documented,
 )
@@ -27,18 +28,20 @@ from server.translate import (
     chat_logprobs,
     chat_max_tokens,
     check_common,
+    completion_echo,
     completion_max_tokens,
+    completion_prompt_logprobs,
     encode_chat,
     encode_completion_prompts,
+    output_options,
     sampling_params,
 )
 
 router = APIRouter(prefix="/v1")
 
 
-@router.get("/models", responses=documented(ModelList, 401, 503))
-async def list_models(request: Request) -> dict[str, Any]:
-    """The base model and every adapter the key may use (adapters name the base as `parent`)."""
+def _model_cards(request: Request) -> list[dict[str, Any]]:
+    """The base model's card and those of the adapters the key may use."""
     st = get_state(request)
     base = {
         "id": st.base_name,
@@ -62,7 +65,22 @@ async def list_models(request: Request) -> dict[str, Any]:
         for name, info in st.engine.adapter_info().items()
         if may_use(request, name, st.base_name)
     ]
-    return {"object": "list", "data": [base, *adapters]}
+    return [base, *adapters]
+
+
+@router.get("/models", responses=documented(ModelList, 401, 503))
+async def list_models(request: Request) -> dict[str, Any]:
+    """The base model and every adapter the key may use (adapters name the base as `parent`)."""
+    return {"object": "list", "data": _model_cards(request)}
+
+
+@router.get("/models/{model:path}", responses=documented(ModelCard, 401, 404, 503))
+async def retrieve_model(model: str, request: Request) -> dict[str, Any]:
+    """One model of the list (OpenAI's retrieve); 404 for a model the key may not use."""
+    for card in _model_cards(request):
+        if card["id"] == model:
+            return card
+    raise APIError(f"The model `{model}` does not exist.", 404, "model_not_found", "model")
 
 
 @router.post(
@@ -76,13 +94,17 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     prompts = encode_completion_prompts(st.tokenizer, body)
     spec = output_spec(body)
     grammar = await st.grammars.compile(spec) if spec is not None else None
-    params = sampling_params(body, completion_max_tokens(body), body.logprobs, grammar)
+    vocab = len(st.tokenizer)
+    max_tokens = completion_max_tokens(body)
+    scored = completion_prompt_logprobs(body)
+    params = sampling_params(body, max_tokens, body.logprobs, vocab, grammar, scored)
     n = body.n or 1
     fmt = CompletionFormat(
         body.model, len(prompts) * n, body.logprobs is not None, body.include_usage
     )
     namespace = st.cache_namespace(request, body.cache_salt)
-    gen = st.generation(body.model, adapter, prompts, params, n, body.stops, fmt.id, namespace)
+    text = output_options(body, completion_echo(st.tokenizer, body))
+    gen = st.generation(body.model, adapter, prompts, params, n, text, fmt.id, namespace)
     return await respond(request, gen, fmt, bool(body.stream))
 
 
@@ -110,9 +132,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     prompt = encode_chat(st.tokenizer, body, tools.tools)
     grammar = await st.grammars.compile(spec) if spec is not None else None
     max_tokens = chat_max_tokens(body, len(prompt), st.engine.max_model_len)
-    params = sampling_params(body, max_tokens, logprobs, grammar)
+    vocab = len(st.tokenizer)
+    params = sampling_params(body, max_tokens, logprobs, vocab, grammar, body.prompt_logprobs)
     n = body.n or 1
     fmt = ChatFormat(body.model, n, logprobs is not None, body.include_usage, tools.parser)
     namespace = st.cache_namespace(request, body.cache_salt)
-    gen = st.generation(body.model, adapter, [prompt], params, n, body.stops, fmt.id, namespace)
+    text = output_options(body)
+    gen = st.generation(body.model, adapter, [prompt], params, n, text, fmt.id, namespace)
     return await respond(request, gen, fmt, bool(body.stream))

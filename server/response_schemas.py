@@ -50,12 +50,29 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
-    """The legacy completions logprobs object."""
+    """The legacy completions logprobs object (with echo, the prompt's tokens first: the first
+    one's logprob and top alternatives null)."""
 
     tokens: list[str]
     token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float]] | None
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
+
+
+class PromptTokenLogprob(BaseModel):
+    """vLLM's entry of a prompt position: a token's logprob, rank and text."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptTokenLogprob] | None] | None
+PROMPT_LOGPROBS = Field(
+    None,
+    description="vLLM's prompt_logprobs: per prompt token (null for the first) its own entry and "
+    "the top alternatives', by token id",
+)
 
 
 class CompletionChoice(BaseModel):
@@ -65,6 +82,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: FinishReason | None
+    prompt_logprobs: PromptLogprobs = PROMPT_LOGPROBS
 
 
 class Completion(BaseModel):
@@ -143,6 +161,7 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None
     choices: list[ChatChoice]
     usage: Usage | None = None
+    prompt_logprobs: PromptLogprobs = PROMPT_LOGPROBS
 
 
 class CompletionChunkChoice(BaseModel):
@@ -152,6 +171,7 @@ class CompletionChunkChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: FinishReason | None
+    prompt_logprobs: PromptLogprobs = PROMPT_LOGPROBS
 
 
 class CompletionChunk(BaseModel):
@@ -200,6 +220,7 @@ class ChatCompletionChunk(BaseModel):
     system_fingerprint: str | None
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    prompt_logprobs: PromptLogprobs = PROMPT_LOGPROBS
 
 
 class ModelCard(BaseModel):
@@ -220,6 +241,21 @@ class ModelList(BaseModel):
 
     object: Literal["list"]
     data: list[ModelCard]
+
+
+class Tokens(BaseModel):
+    """POST /tokenize: the prompt's token ids (and their texts when asked)."""
+
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class Text(BaseModel):
+    """POST /detokenize."""
+
+    prompt: str
 
 
 class Health(BaseModel):

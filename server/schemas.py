@@ -1,8 +1,10 @@
 """OpenAI request schemas for /v1/completions and /v1/chat/completions.
 
-Unknown fields are refused (extra="forbid"; the error handler names the field). Fields that loraplex does
-not implement but that clients commonly send at their neutral value (presence_penalty=0, echo=false, ...)
-are accepted at that value only, and refused with a 400 naming them otherwise. Output constraints and
+Unknown fields are refused (extra="forbid"; the error handler names the field). OpenAI's fields sit at
+the top level, and so do vLLM's extra sampling fields (the official client sends `extra_body` keys
+there). Fields that loraplex does not implement but that clients commonly send at their neutral value
+(best_of=1, suffix="") are accepted at that value only, and refused with a 400 naming them otherwise.
+Output constraints and
 tools (response_format, structured_outputs, tools, tool_choice) are resolved by server/structured.py
 and server/tool_calls.py.
 """
@@ -17,11 +19,18 @@ MAX_N = 16
 MAX_CHOICES = 64
 MAX_STOPS = 16
 MAX_TOOLS = 128
+MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias
+MAX_STOP_TOKEN_IDS = 64
 NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function and schema names
 # seeds stay exact as JSON numbers (doubles hold integers up to 2**53), room for n choices' offsets
 SEED_LIMIT = 2**53 - 1 - MAX_N
 NonEmptyText = Annotated[str, Field(min_length=1)]
-NEUTRAL_NUMBER = {"minimum": 0, "maximum": 0}  # the OpenAPI states what the validators accept
+TokenIdKey = Annotated[str, Field(pattern=r"^(0|[1-9][0-9]{0,8})$")]
+LogitBias = Annotated[  # every key follows the pattern
+    dict[TokenIdKey, Annotated[float, Field(ge=-100, le=100)]],
+    Field(max_length=MAX_LOGIT_BIAS, json_schema_extra={"additionalProperties": False}),
+]
 
 
 def only_if(field: str, required: str, value: Any) -> dict[str, Any]:
@@ -39,6 +48,19 @@ TOOLS_RULE = {  # a tool_choice other than none needs tools
         "properties": {"tool_choice": {"not": {"enum": ["none", None]}}},
     },
     "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}},
+}
+
+SCORE_ONLY_RULE = {  # max_tokens 0 only scores the prompt, for echo or prompt_logprobs
+    "if": {"required": ["max_tokens"], "properties": {"max_tokens": {"const": 0}}},
+    "then": {
+        "anyOf": [
+            {"required": ["echo"], "properties": {"echo": {"const": True}}},
+            {
+                "required": ["prompt_logprobs"],
+                "properties": {"prompt_logprobs": {"type": "integer"}},
+            },
+        ]
+    },
 }
 
 NO_OUTPUT_FORMAT = {"anyOf": [{"type": "null"}, {"properties": {"type": {"const": "text"}}}]}
@@ -122,24 +144,45 @@ class SamplingRequest(StrictModel):
     structured_outputs: StructuredOutputs | None = Field(
         None, description="vLLM's output constraint: json (a schema), regex, choice or grammar"
     )
-    # accepted at their neutral value only
-    presence_penalty: float | None = Field(None, json_schema_extra=NEUTRAL_NUMBER)
-    frequency_penalty: float | None = Field(None, json_schema_extra=NEUTRAL_NUMBER)
-    logit_bias: dict[str, float] | None = Field(None, json_schema_extra={"maxProperties": 0})
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, value: float | None) -> float | None:
-        if value:
-            raise ValueError("penalties are not supported; only 0 is accepted")
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value:
-            raise ValueError("logit_bias is not supported; only an empty map is accepted")
-        return value
+    presence_penalty: float | None = Field(
+        None, ge=-2, le=2, description="subtracted once from the logit of every generated token"
+    )
+    frequency_penalty: float | None = Field(
+        None, ge=-2, le=2, description="subtracted from a token's logit per time it was generated"
+    )
+    logit_bias: LogitBias | None = Field(
+        None, description="token id -> bias added to its logit before sampling"
+    )
+    # vLLM's extra sampling fields
+    repetition_penalty: float | None = Field(
+        None,
+        gt=0,
+        le=10,
+        description="vLLM's: logits of tokens in the prompt or output divided (if positive) or "
+        "multiplied (if negative) by it",
+    )
+    min_p: float | None = Field(
+        None, ge=0, le=1, description="drop tokens less likely than min_p x the most likely one"
+    )
+    min_tokens: int | None = Field(
+        None, ge=0, description="stop tokens and EOS cannot end the output before this many tokens"
+    )
+    ignore_eos: bool | None = Field(None, description="generate past EOS until max_tokens")
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, max_length=MAX_STOP_TOKEN_IDS, description="token ids that end the output"
+    )
+    include_stop_str_in_output: bool | None = Field(
+        None, description="keep the stop string or stop token that ended the output in its text"
+    )
+    skip_special_tokens: bool | None = Field(
+        None, description="leave special tokens out of the text (default true)"
+    )
+    prompt_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="vLLM's: the prompt tokens' logprobs with this many top alternatives each",
+    )
 
     @property
     def stops(self) -> list[str]:
@@ -164,21 +207,21 @@ Prompt = (
 class CompletionRequest(SamplingRequest):
     """POST /v1/completions."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"allOf": [STREAM_OPTIONS_RULE]})
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"allOf": [STREAM_OPTIONS_RULE, SCORE_ONLY_RULE]}
+    )
 
     prompt: Prompt
-    logprobs: int | None = Field(None, ge=0, le=20)
+    max_tokens: int | None = Field(
+        None, ge=0, description="0 (with echo or prompt_logprobs) scores the prompt alone"
+    )
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool | None = Field(
+        None, description="the prompt before the completion (with logprobs: the prompt's too)"
+    )
     # accepted at their neutral value only
-    echo: bool | None = Field(None, json_schema_extra={"enum": [False, None]})
     best_of: int | None = Field(None, json_schema_extra={"enum": [1, None]})
     suffix: str | None = Field(None, json_schema_extra={"maxLength": 0})
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError("echo is not supported")
-        return value
 
     @field_validator("best_of")
     @classmethod
@@ -335,7 +378,7 @@ class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None

@@ -14,7 +14,7 @@ from fastapi import Request
 from loader.config import Config
 from server.auth import current_key
 from server.engine.types import SamplingParams
-from server.generation import Generation
+from server.generation import Generation, OutputOptions
 from server.metrics import Metrics
 from server.structured import Grammars
 from server.translate import resolve_model
@@ -59,7 +59,7 @@ class ServerState:
         prompts: list[list[int]],
         params: SamplingParams,
         n: int,
-        stops: list[str],
+        text: OutputOptions,
         request_id: str,
         cache_namespace: str = "",
     ) -> Generation:
@@ -73,7 +73,7 @@ class ServerState:
             adapter,
             params,
             n,
-            stops,
+            text,
             request_id,
             self.config.request_timeout_s,
             on_token,

@@ -26,15 +26,18 @@ class Decoder(Protocol):
 class IncrementalDetokenizer:
     """Token ids in, new text out; the last prompt tokens give the first token its context."""
 
-    def __init__(self, tokenizer: Decoder, prompt_ids: Sequence[int] = ()) -> None:
+    def __init__(
+        self, tokenizer: Decoder, prompt_ids: Sequence[int] = (), skip_special: bool = True
+    ) -> None:
         self.tokenizer = tokenizer
+        self.skip_special = skip_special
         self.ids: list[int] = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(
-            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            ids, skip_special_tokens=self.skip_special, clean_up_tokenization_spaces=False
         )
 
     def add(self, token_id: int) -> str:
@@ -59,10 +62,12 @@ class IncrementalDetokenizer:
 
 
 class StopMatcher:
-    """Cuts a growing text at the first of its stop strings; the stop text itself is never emitted."""
+    """Cuts a growing text at the first of its stop strings; the stop text itself is emitted only
+    with include (vLLM's include_stop_str_in_output)."""
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: Sequence[str], include: bool = False) -> None:
         self.stops = [s for s in stops if s]
+        self.include = include
         self.held = ""
         self.stopped = False
 
@@ -78,7 +83,8 @@ class StopMatcher:
         if found:  # the stop that completes first wins, as it would token by token
             self.stopped = True
             self.held = ""
-            return buffer[: min(found)[1]]
+            end, start = min(found)
+            return buffer[: end if self.include else start]
         keep = self._partial_suffix(buffer)
         self.held = buffer[len(buffer) - keep :] if keep else ""
         return buffer[: len(buffer) - keep]

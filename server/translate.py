@@ -7,7 +7,14 @@ from typing import Any
 from loader.chat import render_chat
 from server.engine.types import SamplingParams
 from server.errors import APIError
-from server.schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, SamplingRequest
+from server.generation import OutputOptions
+from server.schemas import (
+    MAX_CHOICES,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    SamplingRequest,
+)
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 
@@ -33,32 +40,80 @@ def check_common(req: SamplingRequest) -> None:
 
 
 def sampling_params(
-    req: SamplingRequest, max_tokens: int, logprobs: int | None, grammar: Any = None
+    req: SamplingRequest,
+    max_tokens: int,
+    logprobs: int | None,
+    vocab_size: int,
+    grammar: Any = None,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """The engine parameters of one choice (before its per-choice seed offset); grammar: a
-    compiled grammar the output must follow."""
+    compiled grammar the output must follow; prompt_logprobs: how many top alternatives each
+    prompt token's logprob comes with (None: the prompt is not scored)."""
+    if req.min_tokens is not None and req.min_tokens > max_tokens:
+        raise APIError(
+            f"min_tokens ({req.min_tokens}) must not exceed the output's limit ({max_tokens})",
+            400,
+            "min_tokens_above_max_tokens",
+            "min_tokens",
+        )
+    stop_ids = check_token_ids(req.stop_token_ids or [], vocab_size, "stop_token_ids")
+    bias = {int(k): v for k, v in (req.logit_bias or {}).items()}
+    check_token_ids(list(bias), vocab_size, "logit_bias")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
         top_k=max(req.top_k or 0, 0),
+        min_p=req.min_p or 0.0,
         seed=req.seed,
+        stop_token_ids=tuple(stop_ids),
+        ignore_eos=bool(req.ignore_eos),
+        min_tokens=req.min_tokens or 0,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=req.repetition_penalty or 1.0,
+        logit_bias=tuple(sorted(bias.items())),
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
         grammar=grammar,
     )
+
+
+def output_options(req: SamplingRequest, echo: list[str] | None = None) -> OutputOptions:
+    """How the request's tokens become its output (echo: per prompt, the text put before it)."""
+    return OutputOptions(
+        stops=tuple(req.stops),
+        include_stop=bool(req.include_stop_str_in_output),
+        skip_special_tokens=req.skip_special_tokens is not False,
+        echo=None if echo is None else tuple(echo),
+        prompt_logprobs=req.prompt_logprobs is not None,
+    )
+
+
+def completion_echo(tokenizer: Any, req: CompletionRequest) -> list[str] | None:
+    """With echo, each prompt's text as given (token-id prompts decoded), else None."""
+    if not req.echo:
+        return None
+    return [p if isinstance(p, str) else tokenizer.decode(p) for p in req.prompts]
+
+
+def check_token_ids(ids: list[int], vocab_size: int, param: str) -> list[int]:
+    """ids, or a 400 naming param when one is outside [0, vocab_size)."""
+    if any(i < 0 or i >= vocab_size for i in ids):
+        raise APIError(
+            f"{param} holds token ids outside the vocabulary [0, {vocab_size})",
+            400,
+            "token_out_of_vocabulary",
+            param,
+        )
+    return ids
 
 
 def _check_ids(ids: list[int], vocab_size: int, param: str) -> list[int]:
     if not ids:
         raise APIError(f"{param} encodes to no tokens", 400, "empty_prompt", param)
-    if any(i < 0 or i >= vocab_size for i in ids):
-        raise APIError(
-            f"{param} holds token ids outside the vocabulary [0, {vocab_size})",
-            400,
-            "invalid_value",
-            param,
-        )
-    return ids
+    return check_token_ids(ids, vocab_size, param)
 
 
 def encode_completion_prompts(tokenizer: Any, req: CompletionRequest) -> list[list[int]]:
@@ -76,13 +131,12 @@ def encode_completion_prompts(tokenizer: Any, req: CompletionRequest) -> list[li
     return encoded
 
 
-def encode_chat(
-    tokenizer: Any, req: ChatCompletionRequest, tools: list[dict[str, Any]] | None = None
-) -> list[int]:
-    """The messages (and tools) rendered for the base with the generation prompt, as token ids."""
-    messages = [m.template_dict() for m in req.messages]
+def render_messages(
+    tokenizer: Any, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None
+) -> str:
+    """The messages (and tools) rendered by the base's chat template with the generation prompt."""
     try:
-        text = render_chat(tokenizer, messages, tools)
+        return render_chat(tokenizer, [m.template_dict() for m in messages], tools)
     except Exception as error:  # the template rejects this conversation (e.g. role order)
         raise APIError(
             f"the chat template rejected the messages: {error}",
@@ -90,13 +144,34 @@ def encode_chat(
             "template_rejected",
             "messages",
         ) from error
+
+
+def encode_chat(
+    tokenizer: Any, req: ChatCompletionRequest, tools: list[dict[str, Any]] | None = None
+) -> list[int]:
+    """The messages (and tools) rendered for the base with the generation prompt, as token ids."""
+    text = render_messages(tokenizer, req.messages, tools)
     ids = tokenizer(text, add_special_tokens=False).input_ids
     return _check_ids(ids, len(tokenizer), "messages")
 
 
 def completion_max_tokens(req: CompletionRequest) -> int:
-    """max_tokens, 16 when absent (OpenAI's default for completions)."""
-    return req.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
+    """max_tokens, 16 when absent (OpenAI's default for completions); 0 only to score the prompt."""
+    if req.max_tokens == 0 and not req.echo and req.prompt_logprobs is None:
+        raise APIError(
+            "max_tokens 0 only scores the prompt: set echo or prompt_logprobs",
+            400,
+            "invalid_value",
+            "max_tokens",
+        )
+    return COMPLETION_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+
+
+def completion_prompt_logprobs(req: CompletionRequest) -> int | None:
+    """How many top alternatives each prompt token is scored with: echo with logprobs asks for
+    the prompt's logprobs, as vLLM's prompt_logprobs does; None when neither asks."""
+    wanted = [k for k in (req.prompt_logprobs, req.logprobs if req.echo else None) if k is not None]
+    return max(wanted) if wanted else None
 
 
 def chat_max_tokens(req: ChatCompletionRequest, prompt_len: int, max_model_len: int) -> int:

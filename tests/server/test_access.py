@@ -80,6 +80,23 @@ def test_forbidden_adapter_is_the_same_404_as_an_unknown_one(http, keyed_server,
     )
 
 
+def test_retrieve_and_tokenize_see_what_the_key_may_use(http, keyed_server, peft_adapters):
+    srv = keyed_server
+    other = next(name for name in sorted(peft_adapters) if name != srv.user_adapter)
+    mine = http.get(f"/v1/models/{srv.user_adapter}", headers=auth(srv, "user"))
+    assert mine.status_code == 200, mine.text
+    assert mine.json()["id"] == srv.user_adapter and mine.json()["parent"] == srv.base
+    error_of(http.get(f"/v1/models/{other}", headers=auth(srv, "user")), 404, "model_not_found")
+    assert http.get(f"/v1/models/{other}", headers=auth(srv, "admin")).status_code == 200
+    error_of(http.get(f"/v1/models/{srv.base}"), 401, "invalid_api_key")
+    error_of(http.post("/tokenize", json={"prompt": "hi"}), 401, "invalid_api_key")
+    error_of(http.post("/detokenize", json={"tokens": [1]}), 401, "invalid_api_key")
+    theirs = {"prompt": "hi", "model": other}
+    error_of(http.post("/tokenize", json=theirs, headers=auth(srv, "user")), 404, "model_not_found")
+    ours = {"prompt": "hi", "model": srv.user_adapter}
+    assert http.post("/tokenize", json=ours, headers=auth(srv, "user")).status_code == 200
+
+
 def test_admin_routes_need_an_admin_key(http, keyed_server):
     srv = keyed_server
     body = {"lora_name": "x", "lora_path": "/nowhere"}
