@@ -29,7 +29,8 @@ def _cap(request: dict[str, Any], field: str, maximum: int) -> None:
 
 
 def state_limits(app: FastAPI, max_n: int, vocab_size: int) -> None:
-    """Make app.openapi() state n <= max_n and prompt and stop token ids in [0, vocab_size)."""
+    """Make app.openapi() state n <= max_n and token ids (prompts, stop_token_ids, /detokenize)
+    in [0, vocab_size)."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -40,6 +41,7 @@ def state_limits(app: FastAPI, max_n: int, vocab_size: int) -> None:
                 _cap(request, "n", max_n)
                 _cap(request, "stop_token_ids", vocab_size - 1)
             _cap(components["CompletionRequest"], "prompt", vocab_size - 1)
+            _cap(components["DetokenizeRequest"], "tokens", vocab_size - 1)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from server.auth import may_use
 from server.errors import APIError
@@ -33,7 +33,13 @@ class TokenizeRequest(StrictModel):
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]},
+        strict=True,  # no lax coercion ("1" -> True): the schema is what is accepted
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+                {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+            ]
+        },
     )
 
     @model_validator(mode="after")
@@ -48,6 +54,14 @@ class DetokenizeRequest(StrictModel):
 
     model: str | None = None
     tokens: TokenIds
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _numbers_only(cls, value: Any) -> Any:
+        """Integers only: no lax coercion of strings or booleans ("7", true) to token ids."""
+        if isinstance(value, list) and any(isinstance(v, str | bool) for v in value):
+            raise ValueError("token ids must be integers")
+        return value
 
 
 def check_model(request: Request, model: str | None) -> None:

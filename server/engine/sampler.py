@@ -62,7 +62,8 @@ def draw(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
             if seq.generator is None:
                 seq.generator = torch.Generator(logits.device).manual_seed(seq.params.seed)
             race[row].exponential_(generator=seq.generator)
-    return (probs / race).argmax(-1)
+    # exponential_ may return 0 (u = 0 exactly); 0 / 0 would be NaN, which argmax prefers
+    return (probs / race.clamp_(min=torch.finfo(race.dtype).tiny)).argmax(-1)
 
 
 def sample(

@@ -72,6 +72,11 @@ def test_stop_token_ids_and_include_stop_str_in_output(http):
     stop = {**body, "stop": [stop_text.strip()], "include_stop_str_in_output": True}
     text = http.post("/v1/completions", json=stop).json()["choices"][0]["text"]
     assert text.endswith(stop_text.strip()) and text.startswith(tokens[0])
+    # stop strings only count from min_tokens on (vLLM): the first token's text is no stop yet
+    early = {**body, "stop": [tokens[0]]}
+    assert http.post("/v1/completions", json=early).json()["choices"][0]["text"] == ""
+    late = http.post("/v1/completions", json={**early, "min_tokens": 2}).json()["choices"][0]
+    assert late["text"].startswith(tokens[0] + tokens[1])
 
 
 def test_skip_special_tokens(http):
