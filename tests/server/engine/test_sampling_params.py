@@ -204,7 +204,7 @@ class FrequencyPresence(LogitsProcessor):
         return scores
 
 
-NEW = 24
+NEW = 16
 CASES = {  # engine parameters -> transformers generate() arguments
     "repetition": ({"repetition_penalty": 1.5}, {"repetition_penalty": 1.5}),
     "bias": ({"logit_bias": ((30, 8.0), (28, 3.0))}, {"sequence_bias": [[[30], 8.0], [[28], 3.0]]}),
