@@ -10,32 +10,43 @@ import torch
 from server.engine.sequence import Sequence
 
 
-def token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """How often each token id occurs in each list: [M, vocab] float32."""
-    width = max((len(t) for t in token_lists), default=0) + 1
-    padded = torch.full((len(token_lists), width), vocab, dtype=torch.int64)  # [M, L + 1]
+def padded(token_lists: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lists as a matrix [M, L] of token ids, each row padded with its first token (0 when
+    empty), and the mask [M, L] of its real entries."""
+    width = max((len(t) for t in token_lists), default=0) or 1
+    ids = torch.zeros(len(token_lists), width, dtype=torch.int64)  # [M, L]
+    valid = torch.zeros(len(token_lists), width, dtype=torch.bool)  # [M, L]
     for row, tokens in enumerate(token_lists):
-        padded[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
-    counts = torch.zeros(len(token_lists), vocab + 1, device=device)  # [M, V + 1], pad column last
-    counts.scatter_add_(1, padded.to(device), torch.ones(padded.shape, device=device))
-    return counts[:, :vocab]
+        if tokens:
+            ids[row] = tokens[0]
+            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
+            valid[row, : len(tokens)] = True
+    return ids.to(device), valid.to(device)
 
 
 def penalize(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """logits [M, V] of penalized sequences after their repetition penalty (every token of prompt
     and output: positive logits divided, negative ones multiplied), then frequency and presence
-    penalties (subtracted per occurrence / once per token generated so far)."""
-    vocab, dev = logits.shape[-1], logits.device
+    penalties (subtracted per occurrence / once per token generated so far). Only the logits of
+    the sequences' own tokens are read and written."""
+    dev = logits.device
     params = [s.params for s in seqs]
-    output = token_counts([s.output_ids for s in seqs], vocab, dev)  # [M, V]
     repetition = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]
     if bool((repetition != 1.0).any()):
-        seen = (output + token_counts([s.prompt_ids for s in seqs], vocab, dev)) > 0  # [M, V]
-        scaled = torch.where(logits > 0, logits / repetition, logits * repetition)
-        logits = torch.where(seen, scaled, logits)
-    frequency = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
-    presence = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
-    return logits - frequency * output - presence * (output > 0)
+        ids, _ = padded([s.prompt_ids + s.output_ids for s in seqs], dev)  # [M, L]
+        seen = logits.gather(1, ids)  # [M, L]; a padded repeat writes the same value again
+        scaled = torch.where(seen > 0, seen / repetition, seen * repetition)
+        logits = logits.scatter(1, ids, scaled)
+    if any(p.frequency_penalty or p.presence_penalty for p in params):
+        ids, valid = padded([s.output_ids for s in seqs], dev)  # [M, L]
+        counts = torch.zeros_like(logits).scatter_add_(1, ids, valid.float())  # [M, V]
+        occurrences = counts.gather(1, ids).clamp_(min=1)  # [M, L]: each entry's token count
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
+        presence = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
+        # each occurrence carries its share, so a token's total is c * frequency + presence
+        share = (frequency * occurrences + presence) / occurrences
+        logits = logits.scatter_add(1, ids, -share * valid)
+    return logits
 
 
 def process(logits: torch.Tensor, seqs: list[Sequence], eos_ids: Collection[int]) -> torch.Tensor:

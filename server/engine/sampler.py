@@ -23,47 +23,68 @@ class Sample:
     top_logprobs: list[tuple[int, float]]
 
 
-def filtered_probs(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Probabilities [M, V] of temperature-scaled logits [M, V] after each row's min-p, top-k and
-    top-p (in vLLM's order); every row keeps its most likely token.
+def ranked(
+    scaled: torch.Tensor, params: list[SamplingParams]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each row's distribution after its min-p, top-k and top-p (vLLM's order) over
+    temperature-scaled logits [M, V]: probabilities [M, K] and their token ids [M, K] (most likely
+    first; 0 where filtered out, every row keeps its first), or the plain softmax [M, V] and None
+    when no row filters. K is the largest top_k when every row has one (a top-k instead of a full
+    sort), else V.
 
-    bf16 logits tie often: a stable sort breaks ties by token id, as argmax does, so top_k=1 is
-    greedy."""
+    bf16 logits tie often: the full sort is stable, breaking ties by token id as argmax does."""
     m, vocab = scaled.shape
     dev = scaled.device
     if all(not p.top_k and p.top_p >= 1.0 and not p.min_p for p in params):
-        return torch.softmax(scaled, -1)
+        return torch.softmax(scaled, -1), None
+    width = max(p.top_k for p in params) if all(p.top_k for p in params) else vocab
+    if width < vocab:
+        ordered, order = torch.topk(scaled, width)  # [M, K], [M, K], sorted
+    else:
+        ordered, order = torch.sort(scaled, descending=True, stable=True)  # [M, V], [M, V]
     top_k = torch.tensor([p.top_k or vocab for p in params], device=dev)[:, None]  # [M, 1]
-    min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
-    # a top_p of 1 keeps everything (a cumulative sum can pass 1.0 by rounding)
-    top_p = torch.tensor([p.top_p if p.top_p < 1 else 2.0 for p in params], device=dev)[:, None]
-    ordered, order = torch.sort(scaled, descending=True, stable=True)  # [M, V], [M, V]
-    drop = torch.arange(vocab, device=dev)[None, :] >= top_k  # [M, V]
-    probs = torch.softmax(ordered, -1)
-    drop |= probs < min_p * probs[:, :1]
-    probs = torch.softmax(ordered.masked_fill(drop, float("-inf")), -1)
-    drop |= probs.cumsum(-1) - probs >= top_p  # keep the token that crosses p
-    drop[:, 0] = False  # and the most likely one, whatever p (a tiny p rounds to 0 in float32)
-    mask = torch.zeros_like(drop).scatter_(1, order, drop)  # back to vocabulary order
-    return torch.softmax(scaled.masked_fill(mask, float("-inf")), -1)
+    drop = torch.arange(ordered.shape[1], device=dev)[None, :] >= top_k  # [M, K]
+    if any(p.min_p for p in params):  # p < min_p * p_max, in logits: l < l_max + log(min_p)
+        log_min_p = torch.tensor([p.min_p for p in params], device=dev).log()[:, None]
+        drop |= ordered < ordered[:, :1] + log_min_p
+    probs = torch.softmax(ordered.masked_fill(drop, float("-inf")), -1)  # [M, K]
+    if any(p.top_p < 1.0 for p in params):
+        # a top_p of 1 keeps everything (a cumulative sum can pass 1.0 by rounding)
+        top_p = torch.tensor([p.top_p if p.top_p < 1 else 2.0 for p in params])
+        drop = probs.cumsum(-1) - probs >= top_p.to(dev)[:, None]  # keep the token crossing p
+        drop[:, 0] = False  # and the most likely one, whatever p (a tiny p rounds to 0 in float32)
+        probs = probs.masked_fill(drop, 0.0)
+        probs /= probs.sum(-1, keepdim=True)
+    return probs, order
 
 
 def draw(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """One token id per row of logits [M, V] from its sequence's filtered distribution: [M].
 
-    Exponential race: argmax(p / q) with q ~ Exp(1) samples p; a seeded sequence's q comes from
-    its own generator, so its tokens do not depend on its neighbours in the batch."""
+    Inverse CDF: one uniform number per row, drawn for all unseeded rows at once; a seeded
+    sequence's comes from its own generator, so its tokens do not depend on its neighbours."""
     params = [s.params for s in seqs]
-    temperature = torch.tensor([p.temperature for p in params], device=logits.device)[:, None]
-    probs = filtered_probs(logits / temperature, params)  # [M, V]
-    race = torch.empty_like(probs).exponential_()  # [M, V]
+    dev = logits.device
+    temperature = torch.tensor([p.temperature for p in params], device=dev)[:, None]
+    probs, ids = ranked(logits / temperature, params)  # [M, K], [M, K] or None
+    # the CDF runs in token-id order whatever the batch made K, so a row draws the same token
+    # with or without neighbours
+    if ids is not None and ids.shape[1] == logits.shape[1]:
+        probs, ids = torch.zeros_like(probs).scatter_(1, ids, probs), None  # [M, V]
+    elif ids is not None:
+        ids, order = ids.sort(-1)  # [M, K]
+        probs = probs.gather(1, order)
+    cdf = probs.cumsum(-1)  # [M, K]
+    uniform = torch.rand(len(seqs), 1, device=dev)  # [M, 1]
     for row, seq in enumerate(seqs):
         if seq.params.seed is not None:
             if seq.generator is None:
-                seq.generator = torch.Generator(logits.device).manual_seed(seq.params.seed)
-            race[row].exponential_(generator=seq.generator)
-    # exponential_ may return 0 (u = 0 exactly); 0 / 0 would be NaN, which argmax prefers
-    return (probs / race.clamp_(min=torch.finfo(race.dtype).tiny)).argmax(-1)
+                seq.generator = torch.Generator(dev).manual_seed(seq.params.seed)
+            uniform[row] = torch.rand(1, generator=seq.generator, device=dev)
+    # the first position whose CDF passes u * total: never a token of probability 0
+    pick = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)[:, 0]  # [M]
+    pick.clamp_(max=cdf.shape[1] - 1)
+    return pick if ids is None else ids.gather(1, pick[:, None])[:, 0]
 
 
 def sample(
@@ -76,9 +97,13 @@ def sample(
     logprobs are those of raw [N, V] (the model's logits before any grammar mask), else of
     logits, before penalties, temperature and filtering."""
     processed = process(logits, seqs, eos_ids)  # [N, V]
-    tokens = processed.argmax(-1)  # [N]: greedy rows keep theirs
-    drawn = [i for i, s in enumerate(seqs) if not s.params.greedy]
-    if drawn:
+    # top_k 1 is greedy (argmax breaks ties by token id)
+    drawn = [i for i, s in enumerate(seqs) if not s.params.greedy and s.params.top_k != 1]
+    if len(drawn) == len(seqs):
+        tokens = draw(processed, seqs)  # [N]
+    else:
+        tokens = processed.argmax(-1)  # [N]: greedy rows keep theirs
+    if drawn and len(drawn) < len(seqs):
         index = torch.tensor(drawn, device=logits.device)
         tokens[index] = draw(processed[index], [seqs[i] for i in drawn])
     ids = tokens.tolist()

