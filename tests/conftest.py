@@ -164,7 +164,12 @@ class PeftOracle:
     greedy = staticmethod(peft_greedy)
 
     def tolerance(
-        self, model, ids: list[int], adapter: str | None, tokens: list[int], floor: float
+        self,
+        model,
+        ids: list[int],
+        adapter: str | None,
+        tokens: list[int],
+        floor: float = NOISE_FLOOR,
     ) -> float:
         """How far PEFT's stepwise and forced computations of these tokens disagree on what check
         compares (the tokens' logits and logprobs, and the forced argmax's logit), at least floor."""
