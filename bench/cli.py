@@ -27,6 +27,10 @@ BENCHES = {
         "structured outputs: tokens/s with half the requests JSON-schema constrained vs none; "
         "grammar compile times",
     ),
+    "sampler": (
+        "bench.sampler",
+        "sampler micro-benchmark: the batched sampler vs the per-row one it replaced",
+    ),
 }
 
 
