@@ -25,27 +25,30 @@ def padded(token_lists: list[list[int]], device: torch.device) -> tuple[torch.Te
 
 
 def penalize(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """logits [M, V] of penalized sequences after their repetition penalty (every token of prompt
-    and output: positive logits divided, negative ones multiplied), then frequency and presence
-    penalties (subtracted per occurrence / once per token generated so far). Only the logits of
-    the sequences' own tokens are read and written."""
+    """Apply, in place on logits [M, V] of penalized sequences, their repetition penalty (every
+    token of prompt and output: positive logits divided, negative ones multiplied), then frequency
+    and presence penalties (subtracted per occurrence / once per token generated so far). Only the
+    logits of the sequences' own tokens are read and written; returns logits."""
     dev = logits.device
     params = [s.params for s in seqs]
     repetition = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]
     if bool((repetition != 1.0).any()):
         ids, _ = padded([s.prompt_ids + s.output_ids for s in seqs], dev)  # [M, L]
         seen = logits.gather(1, ids)  # [M, L]; a padded repeat writes the same value again
-        scaled = torch.where(seen > 0, seen / repetition, seen * repetition)
-        logits = logits.scatter(1, ids, scaled)
+        logits.scatter_(1, ids, torch.where(seen > 0, seen / repetition, seen * repetition))
     if any(p.frequency_penalty or p.presence_penalty for p in params):
         ids, valid = padded([s.output_ids for s in seqs], dev)  # [M, L]
-        counts = torch.zeros_like(logits).scatter_add_(1, ids, valid.float())  # [M, V]
-        occurrences = counts.gather(1, ids).clamp_(min=1)  # [M, L]: each entry's token count
+        # each entry's token count in its row: equal ids bracket it in the row sorted
+        ordered = torch.where(valid, ids, -1).sort(-1).values  # [M, L]
+        occurrences = torch.searchsorted(ordered, ids, right=True) - torch.searchsorted(
+            ordered, ids
+        )  # [M, L]
+        occurrences = occurrences.clamp_(min=1).float()
         frequency = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
         presence = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
         # each occurrence carries its share, so a token's total is c * frequency + presence
         share = (frequency * occurrences + presence) / occurrences
-        logits = logits.scatter_add(1, ids, -share * valid)
+        logits.scatter_add_(1, ids, -share * valid)
     return logits
 
 
@@ -72,7 +75,9 @@ def process(logits: torch.Tensor, seqs: list[Sequence], eos_ids: Collection[int]
     if banned:
         rows, ids = zip(*banned, strict=True)
         out[torch.tensor(rows, device=dev), torch.tensor(ids, device=dev)] = float("-inf")
-    if penalized:
+    if len(penalized) == len(seqs):
+        penalize(out, seqs)
+    elif penalized:
         index = torch.tensor(penalized, device=dev)
         out[index] = penalize(out[index], [seqs[i] for i in penalized])
     return out
