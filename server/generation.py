@@ -111,7 +111,7 @@ class Generation:
         adapter: str | None,
         params: SamplingParams,
         n: int,
-        text: OutputOptions,
+        options: OutputOptions,
         request_id: str,
         timeout_s: float,
         on_token: TokenObserver | None = None,
@@ -128,7 +128,7 @@ class Generation:
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.jobs: list[tuple[list[int], SamplingParams]] = []
         self.states: list[ChoiceState] = []
-        self.text = text
+        self.options = options
         self.min_tokens = params.min_tokens
         self.prompts = prompts
         self._prompt_entries: dict[int, list[TokenLogprob]] = {}
@@ -136,8 +136,8 @@ class Generation:
             for j in range(n):
                 seed = None if params.seed is None else params.seed + j
                 self.jobs.append((prompt, dataclasses.replace(params, seed=seed)))
-                detok = IncrementalDetokenizer(tokenizer, prompt, text.skip_special_tokens)
-                stops = StopMatcher(text.stops, text.include_stop)
+                detok = IncrementalDetokenizer(tokenizer, prompt, options.skip_special_tokens)
+                stops = StopMatcher(options.stops, options.include_stop)
                 self.states.append(ChoiceState(number, detok, stops))
         self.first_choices = range(0, len(self.jobs), n)  # each prompt's first choice
         self.cached = [0] * len(self.jobs)  # prompt tokens each choice found in the prefix cache
@@ -233,16 +233,16 @@ class Generation:
         if not state.opened:  # the echoed prompt and the prompt's scores come first
             state.opened = True
             scored = self._prompt_scores(state.prompt, item)
-            prompt = scored if self.text.prompt_logprobs else None
-            if self.text.echo is not None:
-                text = self.text.echo[state.prompt]
+            prompt = scored if self.options.prompt_logprobs else None
+            if self.options.echo is not None:
+                text = self.options.echo[state.prompt]
                 logprobs = list(scored or []) if self.want_logprobs else []
         if item.token_id is not None:
             self.cached[index] = item.cached_tokens
             state.tokens += 1
             self._observe(state)
             # a stop token (EOS or stop_token_ids) ends the text without its own, unless asked
-            ended = item.finish_reason == "stop" and not self.text.include_stop
+            ended = item.finish_reason == "stop" and not self.options.include_stop
             piece = "" if ended else state.detok.add(item.token_id)
             text += state.stops.feed(piece) if state.tokens >= self.min_tokens else piece
             if self.want_logprobs and item.logprob is not None:

@@ -103,8 +103,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         body.model, len(prompts) * n, body.logprobs is not None, body.include_usage
     )
     namespace = st.cache_namespace(request, body.cache_salt)
-    text = output_options(body, completion_echo(st.tokenizer, body))
-    gen = st.generation(body.model, adapter, prompts, params, n, text, fmt.id, namespace)
+    options = output_options(body, completion_echo(st.tokenizer, body))
+    gen = st.generation(body.model, adapter, prompts, params, n, options, fmt.id, namespace)
     return await respond(request, gen, fmt, bool(body.stream))
 
 
@@ -137,6 +137,6 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     n = body.n or 1
     fmt = ChatFormat(body.model, n, logprobs is not None, body.include_usage, tools.parser)
     namespace = st.cache_namespace(request, body.cache_salt)
-    text = output_options(body)
-    gen = st.generation(body.model, adapter, [prompt], params, n, text, fmt.id, namespace)
+    options = output_options(body)
+    gen = st.generation(body.model, adapter, [prompt], params, n, options, fmt.id, namespace)
     return await respond(request, gen, fmt, bool(body.stream))

@@ -59,7 +59,7 @@ class ServerState:
         prompts: list[list[int]],
         params: SamplingParams,
         n: int,
-        text: OutputOptions,
+        options: OutputOptions,
         request_id: str,
         cache_namespace: str = "",
     ) -> Generation:
@@ -73,7 +73,7 @@ class ServerState:
             adapter,
             params,
             n,
-            text,
+            options,
             request_id,
             self.config.request_timeout_s,
             on_token,

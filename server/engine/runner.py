@@ -124,7 +124,7 @@ class ModelRunner:
         self.routing.set(inputs.pop("lora_slots"))
         try:
             # the model's own head: final softcapping, logit scales and tied weights as it computes
-            # them, only for the rows that sample
+            # them, only for the rows that sample and the prompt rows asked to be scored
             logits = self.model(
                 **inputs, use_cache=False, logits_to_keep=rows
             ).logits  # [1, N+P, V]
