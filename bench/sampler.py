@@ -10,6 +10,8 @@ case gives every row the same parameters:
 - temperature: temperature 0.8 alone (no top-k or top-p, so neither sampler sorts)
 - logprobs: sampled, with the chosen token's logprob and the top 5
 - seeded: sampled, each row with its own seed (its own generator)
+- top_p, top_p_peaked: top_p 0.95 without top_k at temperature 0.8 (a nucleus of thousands of
+  tokens) and 0.3 (a peaked distribution, as a language model's often is)
 - min_p: sampled with min_p 0.05 (the batched sampler only)
 - penalties: sampled with repetition 1.1, frequency 0.5 and presence 0.5 over 256 prompt and 64
   generated tokens per row (the batched sampler only)
@@ -54,6 +56,10 @@ CASES: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "temperature": ({"temperature": 0.8}, ("old", "new")),  # no top-k / top-p: no sort
     "logprobs": ({**SAMPLED, "logprobs": 5}, ("old", "new")),
     "seeded": (SAMPLED, ("old", "new")),  # each row seeded with its index
+    # top_p without top_k: at temperature 0.8 the nucleus of N(0, 3^2) logits is thousands of
+    # tokens (the batched sampler's candidates miss it and it sorts the batch); at 0.3 it is small
+    "top_p": ({"temperature": 0.8, "top_p": 0.95}, ("old", "new")),
+    "top_p_peaked": ({"temperature": 0.3, "top_p": 0.95}, ("old", "new")),
     "min_p": ({**SAMPLED, "min_p": 0.05}, ("new",)),
     "penalties": (
         {**SAMPLED, "repetition_penalty": 1.1, "frequency_penalty": 0.5, "presence_penalty": 0.5},

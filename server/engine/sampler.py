@@ -13,6 +13,8 @@ from server.engine.penalties import process
 from server.engine.sequence import Sequence
 from server.engine.types import Logprob, SamplingParams
 
+CANDIDATES = 1024  # top-p without top-k looks for the nucleus among this many tokens first
+
 
 @dataclass
 class Sample:
@@ -24,34 +26,50 @@ class Sample:
 
 
 def ranked(
-    scaled: torch.Tensor, params: list[SamplingParams]
+    scaled: torch.Tensor, params: list[SamplingParams], candidates: int = CANDIDATES
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each row's distribution after its min-p, top-k and top-p (vLLM's order) over
     temperature-scaled logits [M, V]: probabilities [M, K] and their token ids [M, K] (most likely
     first; 0 where filtered out, every row keeps its first), or the plain softmax [M, V] and None
-    when no row filters. K is the largest top_k when every row has one (a top-k instead of a full
-    sort), else V.
+    when no row filters. K is the largest top_k when every row has one; else the `candidates`
+    most likely tokens when every row's top-k or top-p nucleus lies among them (filtering them
+    then equals filtering the full sort); else V (one stable sort of the batch).
 
     bf16 logits tie often: the full sort is stable, breaking ties by token id as argmax does."""
     m, vocab = scaled.shape
     dev = scaled.device
     if all(not p.top_k and p.top_p >= 1.0 and not p.min_p for p in params):
         return torch.softmax(scaled, -1), None
+    top_k = torch.tensor([p.top_k or vocab for p in params], device=dev)[:, None]  # [M, 1]
+    log_min_p = torch.tensor([p.min_p for p in params], device=dev).log()[:, None]  # -inf: off
     width = max(p.top_k for p in params) if all(p.top_k for p in params) else vocab
+    free_lse = None  # rows without top_k: log of their kept tokens' mass over the vocabulary
+    if width == vocab and candidates < vocab // 2:
+        if all(p.top_k <= candidates and (p.top_k or p.top_p < 1.0) for p in params):
+            width = candidates
+            floor = scaled.max(-1, keepdim=True).values + log_min_p  # [M, 1]: min-p's cut
+            free_lse = torch.logsumexp(scaled.masked_fill(scaled < floor, float("-inf")), -1)
     if width < vocab:
         ordered, order = torch.topk(scaled, width)  # [M, K], [M, K], sorted
     else:
         ordered, order = torch.sort(scaled, descending=True, stable=True)  # [M, V], [M, V]
-    top_k = torch.tensor([p.top_k or vocab for p in params], device=dev)[:, None]  # [M, 1]
-    drop = torch.arange(ordered.shape[1], device=dev)[None, :] >= top_k  # [M, K]
+    drop = torch.arange(width, device=dev)[None, :] >= top_k  # [M, K]
     if any(p.min_p for p in params):  # p < min_p * p_max, in logits: l < l_max + log(min_p)
-        log_min_p = torch.tensor([p.min_p for p in params], device=dev).log()[:, None]
         drop |= ordered < ordered[:, :1] + log_min_p
-    probs = torch.softmax(ordered.masked_fill(drop, float("-inf")), -1)  # [M, K]
+    masked = ordered.masked_fill(drop, float("-inf"))  # [M, K]
+    probs = torch.softmax(masked, -1)  # [M, K]
+    free = torch.tensor([not p.top_k for p in params], device=dev)[:, None]  # [M, 1]
+    if free_lse is not None:  # normalized over the whole vocabulary, not the candidates only
+        probs = torch.where(free, (masked - free_lse[:, None]).exp(), probs)
     if any(p.top_p < 1.0 for p in params):
         # a top_p of 1 keeps everything (a cumulative sum can pass 1.0 by rounding)
-        top_p = torch.tensor([p.top_p if p.top_p < 1 else 2.0 for p in params])
-        drop = probs.cumsum(-1) - probs >= top_p.to(dev)[:, None]  # keep the token crossing p
+        top_p = torch.tensor([p.top_p if p.top_p < 1 else 2.0 for p in params], device=dev)
+        cumulative = probs.cumsum(-1)  # [M, K]
+        if free_lse is not None and not bool(
+            ((cumulative[:, -1:] >= top_p[:, None]) | ~free).all()
+        ):
+            return ranked(scaled, params, candidates=vocab)  # a nucleus reaches past them
+        drop = cumulative - probs >= top_p[:, None]  # keep the token crossing p
         drop[:, 0] = False  # and the most likely one, whatever p (a tiny p rounds to 0 in float32)
         probs = probs.masked_fill(drop, 0.0)
         probs /= probs.sum(-1, keepdim=True)

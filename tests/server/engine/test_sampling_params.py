@@ -144,6 +144,34 @@ def test_filters_keep_what_transformers_keeps(real, params, warper):
     torch.testing.assert_close(probs, torch.softmax(scaled.masked_fill(~kept, float("-inf")), -1))
 
 
+def test_nucleus_among_candidates_equals_the_full_sort(real):
+    """top_p without top_k filters the most likely tokens only when every row's nucleus lies among
+    them (real logits: it does), else falls back to the full sort (flat logits: it does not);
+    either way the distribution is the full sort's."""
+    _, _, logits = real
+    flat = torch.randn(logits.numel(), generator=torch.Generator().manual_seed(0)) * 0.01
+    for row, params in [
+        (logits, [SamplingParams(top_p=0.9)]),
+        (logits, [SamplingParams(top_p=0.95, min_p=0.01)]),
+        (flat, [SamplingParams(top_p=0.5)]),  # ~24,000 tokens in its nucleus
+    ]:
+        scaled = row[None] / 0.8
+        probs, ids = ranked(scaled, params)
+        assert ids.shape[1] == (1024 if row is logits else logits.numel())
+        vocab = torch.zeros_like(scaled).scatter_(1, ids, probs)
+        full, full_ids = ranked(scaled, params, candidates=logits.numel())
+        expected = torch.zeros_like(scaled).scatter_(1, full_ids, full)
+        assert torch.equal(vocab > 0, expected > 0)
+        torch.testing.assert_close(vocab, expected)
+    # a batch mixing a top-k row and a top-p row takes the candidates too
+    both = [SamplingParams(top_k=20), SamplingParams(top_p=0.9)]
+    probs, ids = ranked(logits[None].repeat(2, 1), both)
+    assert ids.shape[1] == 1024
+    for i, p in enumerate(both):
+        alone = filtered_probs(logits[None], [p])[0]
+        torch.testing.assert_close(torch.zeros_like(logits).scatter_(0, ids[i], probs[i]), alone)
+
+
 def test_mixed_rows_equal_rows_alone(real):
     prompt, output, logits = real
     rows = [
