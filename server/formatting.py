@@ -138,9 +138,9 @@ class CompletionFormat(ResponseFormat):
         }
 
     def _chunk_choice(self, delta: ChoiceDelta) -> dict[str, Any] | None:
-        if not delta.text and not delta.logprobs and delta.finish_reason is None:
-            if delta.prompt_logprobs is None:
-                return None
+        empty = not delta.text and not delta.logprobs and delta.prompt_logprobs is None
+        if empty and delta.finish_reason is None:
+            return None
         choice = {
             "index": delta.index,
             "text": delta.text,

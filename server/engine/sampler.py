@@ -121,9 +121,9 @@ def sample(
         tokens = draw(processed, seqs)  # [N]
     else:
         tokens = processed.argmax(-1)  # [N]: greedy rows keep theirs
-    if drawn and len(drawn) < len(seqs):
-        index = torch.tensor(drawn, device=logits.device)
-        tokens[index] = draw(processed[index], [seqs[i] for i in drawn])
+        if drawn:
+            index = torch.tensor(drawn, device=logits.device)
+            tokens[index] = draw(processed[index], [seqs[i] for i in drawn])
     ids = tokens.tolist()
     samples = [Sample(token, None, []) for token in ids]
     want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
@@ -131,17 +131,21 @@ def sample(
         index = torch.tensor(want, device=logits.device)
         source = (logits if raw is None else raw)[index]  # [R, V]
         ks = [seqs[i].params.logprobs or 0 for i in want]
-        for row, k, scored in zip(want, ks, score(source, tokens[index], max(ks)), strict=True):
+        scores = score(source, tokens[index], max(ks), ranked=False)
+        for row, k, scored in zip(want, ks, scores, strict=True):
             samples[row] = Sample(ids[row], scored.logprob, scored.top[:k])
     return samples
 
 
-def score(logits: torch.Tensor, targets: torch.Tensor, top: int) -> list[Logprob]:
-    """The logprob and rank of each row's target token under logits [R, V] (targets [R]), with
-    the row's `top` most likely tokens."""
+def score(
+    logits: torch.Tensor, targets: torch.Tensor, top: int, ranked: bool = True
+) -> list[Logprob]:
+    """The logprob of each row's target token under logits [R, V] (targets [R]), its rank unless
+    not ranked (a pass over [R, V] that generated tokens do not report), and the row's `top` most
+    likely tokens."""
     logprobs = torch.log_softmax(logits, -1)  # [R, V]
     chosen = logprobs.gather(1, targets[:, None])  # [R, 1]
-    ranks = (logprobs >= chosen).sum(-1).tolist()  # [R]
+    ranks = (logprobs >= chosen).sum(-1).tolist() if ranked else [None] * len(targets)  # [R]
     tops: list[list[tuple[int, float]]] = [[] for _ in ranks]
     if top:
         values, ids = torch.topk(logprobs, top)  # [R, top]

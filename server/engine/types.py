@@ -86,7 +86,7 @@ class Logprob:
     (token id, logprob)."""
 
     logprob: float
-    rank: int
+    rank: int | None  # None where not computed (generated tokens)
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
