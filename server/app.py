@@ -1,4 +1,5 @@
-"""The FastAPI app: OpenAI routes, /health, /metrics, the guard (keys, limits, draining), errors."""
+"""The FastAPI app: OpenAI routes, the web console, /health, /metrics, the guard (keys, limits,
+draining), errors."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from loader.config import Config
 from server.admin_routes import router as admin_router
 from server.auth import KeyRing, load_keys
+from server.console_routes import install_console
 from server.errors import install_error_handlers
 from server.guards import Drain, Guard, Limits
 from server.metrics import Metrics, RequestMetricsMiddleware
@@ -34,6 +36,7 @@ def create_app(engine: Any, config: Config) -> FastAPI:
     app.include_router(openai_router)
     app.include_router(admin_router)
     app.include_router(tokenize_router)
+    install_console(app)
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health}})
     async def health() -> Response:

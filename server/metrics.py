@@ -7,7 +7,9 @@ the engine's registry: a name it does not know is labelled "unknown".
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -102,6 +104,37 @@ class EngineCollector(Collector):
             yield family
 
 
+@dataclass
+class ModelUsage:
+    """Generation requests and generated tokens per model label (the base, an adapter or "unknown"),
+    since the server started: the per-adapter counters of /metrics and of GET /v1/adapters."""
+
+    requests: collections.Counter[str] = field(default_factory=collections.Counter)
+    generated_tokens: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+class UsageCollector(Collector):
+    """The per-model counters of a ModelUsage, read at each scrape."""
+
+    def __init__(self, usage: ModelUsage) -> None:
+        self.usage = usage
+
+    def collect(self) -> Iterable[Metric]:
+        """loraplex_adapter_requests_total and loraplex_adapter_generated_tokens_total by model."""
+        families = {
+            "loraplex_adapter_requests": ("generation requests by model", self.usage.requests),
+            "loraplex_adapter_generated_tokens": (
+                "generated tokens by model",
+                self.usage.generated_tokens,
+            ),
+        }
+        for name, (doc, values) in families.items():
+            family = CounterMetricFamily(name, doc, labels=["adapter"])
+            for label, value in sorted(values.items()):
+                family.add_metric([label], value)
+            yield family
+
+
 class Metrics:
     """The app's registry and the instruments the HTTP layer updates."""
 
@@ -131,16 +164,9 @@ class Metrics:
         self.tokens = Counter(
             "loraplex_generated_tokens", "tokens generated for HTTP requests", registry=r
         )
-        self.adapter_requests = Counter(
-            "loraplex_adapter_requests", "generation requests by model", ["adapter"], registry=r
-        )
-        self.adapter_tokens = Counter(
-            "loraplex_adapter_generated_tokens",
-            "generated tokens by model",
-            ["adapter"],
-            registry=r,
-        )
+        self.usage = ModelUsage()
         r.register(EngineCollector(engine, base_name))
+        r.register(UsageCollector(self.usage))
 
     def adapter_label(self, model: str) -> str:
         """model itself if it is the base or a known adapter, else "unknown"."""
@@ -150,15 +176,15 @@ class Metrics:
 
     def count_request(self, model: str) -> None:
         """Count a generation request naming model (an unknown one as "unknown")."""
-        self.adapter_requests.labels(self.adapter_label(model)).inc()
+        self.usage.requests[self.adapter_label(model)] += 1
 
     def token_observer(self, model: str) -> Callable[[float | None, float | None], None]:
         """The per-token observer of a generation for model."""
-        tokens = self.adapter_tokens.labels(self.adapter_label(model))
+        label, tokens = self.adapter_label(model), self.usage.generated_tokens
 
         def on_token(ttft: float | None, gap: float | None) -> None:
             self.tokens.inc()
-            tokens.inc()
+            tokens[label] += 1
             if ttft is not None:
                 self.ttft.observe(ttft)
             if gap is not None:

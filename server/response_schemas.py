@@ -243,6 +243,36 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class ModelUsageCard(BaseModel):
+    """One row of GET /v1/adapters: the base (parent null) or an adapter, and what it has served."""
+
+    id: str
+    parent: str | None
+    rank: int | None = None
+    tier: Literal["device", "host", "disk"] | None = None
+    bytes: int | None = None  # float32 weight bytes of an adapter
+    requests: int  # generation requests naming this model since the server started
+    generated_tokens: int
+
+
+class DeviceAdapterMemory(BaseModel):
+    """Device memory for adapter weights."""
+
+    resident_adapters: int
+    used_bytes: int  # weights held in device slots
+    slot_bytes: int  # allocated for all slots
+
+
+class AdapterUsageList(BaseModel):
+    """GET /v1/adapters: the models the key may use with their counters, the key's role, and the
+    device's adapter memory."""
+
+    object: Literal["list"]
+    role: Literal["admin", "user"]
+    data: list[ModelUsageCard]
+    device: DeviceAdapterMemory
+
+
 class Tokens(BaseModel):
     """POST /tokenize: the prompt's token ids (and their texts when asked)."""
 
