@@ -4,6 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ADAPTERS ?= demo-adapters
+DEMO_TRAINING ?= 1
 PYTEST_ARGS ?=
 
 .PHONY: install serve test lint format demo-adapters bench loadtest soak clean
@@ -18,9 +19,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# DEMO_TRAINING=1: serve $(ADAPTERS) and train the demo adapters missing there in the background
+# (adapters/train/demo.py); DEMO_TRAINING=0: serve $(ADAPTERS) as it is, if it exists.
+ifeq ($(DEMO_TRAINING),0)
+SERVE_ADAPTERS = $(if $(wildcard $(ADAPTERS)),--adapters $(ADAPTERS))
+else
+SERVE_ADAPTERS = --adapters $(ADAPTERS) --train-demo-adapters
+endif
+
 serve: $(STAMP)
 	$(BIN)/loraplex prepare
-	$(BIN)/loraplex serve $(if $(wildcard $(ADAPTERS)),--adapters $(ADAPTERS))
+	$(BIN)/loraplex serve $(SERVE_ADAPTERS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -37,21 +46,12 @@ test: lint
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
 
-# Demo adapters: one per checkable demo task (adapters/train/tasks.py), trained on the demo base into
-# $(ADAPTERS)/<task>/ (served by `make serve`). Generated data goes to $(ADAPTERS)/.data/ (dot folders
-# are not served). An interrupted training resumes from its checkpoint; rm -rf $(ADAPTERS) to redo.
-DEMO_TASKS := digits json reverse
-DEMO_STEPS_digits := 60
-DEMO_STEPS_json := 40
-DEMO_STEPS_reverse := 150
-
-demo-adapters: $(STAMP) $(foreach t,$(DEMO_TASKS),$(ADAPTERS)/$(t)/adapter_model.safetensors)
-
-$(ADAPTERS)/%/adapter_model.safetensors: $(STAMP)
-	$(PY) -m adapters.train.tasks $* $(ADAPTERS)/.data/$*.jsonl --n 400 --seed 0
-	$(BIN)/loraplex train --data $(ADAPTERS)/.data/$*.jsonl --out $(ADAPTERS)/$* --task $* \
-		--max-steps $(DEMO_STEPS_$*) --lr 1e-3 --warmup-steps 10 --overwrite \
-		$(if $(wildcard $(ADAPTERS)/.$*.checkpoint),--resume)
+# Demo adapters, in the foreground: one per checkable demo task (adapters/train/demo.py has the table),
+# trained on the demo base into $(ADAPTERS)/<task>/ (served by `make serve`), data in $(ADAPTERS)/.data/
+# (dot folders are not served). An interrupted training resumes from its checkpoint; rm -rf
+# $(ADAPTERS) to redo.
+demo-adapters: $(STAMP)
+	$(PY) -m adapters.train.demo $(ADAPTERS)
 
 # Load test (locust, headless, 127.0.0.1 only): the demo base with $(ADAPTERS) plus random adapters up to
 # LT_ADAPTERS, LT_USERS users for LT_DURATION seconds; report under results/loadtest/.

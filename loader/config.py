@@ -48,6 +48,7 @@ class Config:
     max_lora_rank: int = 16  # vLLM's default; each slot is padded to it
     max_adapter_bytes: int = 512 * 1024 * 1024
     lora_dtype: str = "auto"
+    train_demo_adapters: bool = False  # train the missing demo adapters into adapters_dir
     # HTTP
     host: str = "127.0.0.1"
     port: int = 8000

@@ -36,6 +36,8 @@ HELP = {
     "max_lora_rank": "largest adapter rank accepted",
     "max_adapter_bytes": "largest adapter weights file accepted",
     "lora_dtype": "adapter slot dtype: auto (float32 on cpu, compute dtype on cuda) or a dtype",
+    "train_demo_adapters": "train the demo adapters missing from --adapters in the background "
+    "(demo base only; each is served as it finishes)",
     "host": "bind address",
     "port": "bind port",
     "served_model_name": "id of the bare base in the API",
@@ -112,6 +114,7 @@ ADAPTER_FIELDS = (
     "max_lora_rank",
     "max_adapter_bytes",
     "lora_dtype",
+    "train_demo_adapters",
 )
 HTTP_FIELDS = (
     "host",

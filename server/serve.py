@@ -10,6 +10,7 @@ from typing import Any
 
 import uvicorn
 
+from adapters.train.demo import DemoTrainer
 from loader.config import Config, ConfigError
 from loader.memory import memory_report
 from loader.model import load_base
@@ -31,6 +32,37 @@ def load_adapters_dir(engine: Any, folder: str | None) -> list[str]:
     if not Path(folder).is_dir():
         raise ConfigError(f"--adapters {folder}: no such folder")
     return engine.scan_adapters().added
+
+
+def demo_trainer(config: Config) -> DemoTrainer | None:
+    """The background trainer of the demo adapters missing from the adapters folder, when
+    --train-demo-adapters asks for it and they can be trained (else None, having logged why not)."""
+    if not config.train_demo_adapters:
+        return None
+    if config.model != "demo":
+        log.info("not training the demo adapters: they are for the demo base, not %s", config.model)
+        return None
+    if config.adapters_dir is None:
+        log.info("not training the demo adapters: no --adapters folder to serve them from")
+        return None
+    trainer = DemoTrainer(Path(config.adapters_dir), config)
+    return trainer if trainer.tasks else None
+
+
+def demo_note(trainer: DemoTrainer | None, config: Config) -> str:
+    """What the ready line says about the demo adapters being trained ("" when none are)."""
+    if trainer is None:
+        return ""
+    count = len(trainer.tasks)
+    served = (
+        "each is served as it finishes"
+        if config.adapters_poll_s
+        else "restart to serve them (--adapters-poll-s 0 does not watch the folder)"
+    )
+    return (
+        f"; training {count} demo adapter{'s' * (count > 1)} in the background "
+        f"({', '.join(trainer.tasks)}), {served}"
+    )
 
 
 def url_of(host: str, port: int) -> str:
@@ -58,8 +90,8 @@ async def run_http(app: Any, config: Config, ready: str) -> int:
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
     if server.started:
-        port = server.servers[0].sockets[0].getsockname()[1]
-        log.info("ready: %s %s", url_of(config.host, port), ready)
+        url = url_of(config.host, server.servers[0].sockets[0].getsockname()[1])
+        log.info("ready: %s %s; console: %s/ui", url, ready, url)
     watchdog = asyncio.create_task(exit_when_dead(engine, server))
     await task
     watchdog.cancel()
@@ -87,14 +119,19 @@ def serve(config: Config) -> int:
     base = load_base(config)
     log.info("%s", memory_report(base.model).format())
     engine = AsyncEngine(base, config)
+    trainer = demo_trainer(config)  # creates the adapters folder it trains into
     adapters = load_adapters_dir(engine, config.adapters_dir)
     engine.start()
     try:
         app = create_app(engine, config)
+        if trainer is not None:
+            trainer.start()
         ready = (
             f"(model {base.name} from {base.path}, {len(adapters)} adapters, quant={config.quant}, "
-            f"loaded in {time.perf_counter() - started:.1f}s)"
+            f"loaded in {time.perf_counter() - started:.1f}s){demo_note(trainer, config)}"
         )
         return asyncio.run(run_http(app, config, ready))
     finally:
+        if trainer is not None:
+            trainer.stop()
         engine.shutdown()

@@ -62,6 +62,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
         "--task", choices=sorted(TASKS), help="score a demo task on held-out prompts at the end"
     )
     io.add_argument(
+        "--task-n", type=int, default=d.task_n, help="held-out prompts --task scores (1..200)"
+    )
+    io.add_argument(
         "--register", metavar="URL", help="then load the adapter into the server at URL"
     )
     io.add_argument("--name", help="adapter name for --register (default: the --out folder name)")

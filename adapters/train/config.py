@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from adapters.train.data import OVERLONG
-from adapters.train.tasks import TASKS
+from adapters.train.tasks import HELD_OUT_MAX, TASKS
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -70,7 +70,7 @@ class TrainConfig:
             (self.eval_every >= 0, "eval every must be >= 0 (0 = only at start and end)"),
             (self.save_every >= 0, "save every must be >= 0 (0 = no checkpoints)"),
             (self.task is None or self.task in TASKS, f"task must be one of {sorted(TASKS)}"),
-            (self.task_n > 0, "task_n must be positive"),
+            (0 < self.task_n <= HELD_OUT_MAX, f"task_n must be in 1..{HELD_OUT_MAX}"),
             (bool(self.target_modules.strip()), "target modules must not be empty"),
         ]
         problems = [message for ok, message in checks if not ok]
