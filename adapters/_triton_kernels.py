@@ -4,9 +4,10 @@ Only adapters.triton_lora imports this module, on first use, so loraplex imports
 With TRITON_INTERPRET=1 set before triton is first imported, triton.jit runs these kernels in
 Triton's interpreter on CPU tensors instead of compiling them.
 
-Layout (see adapters.lora_ops): A [S, r_max, in], B [S, out, r_max] (scaled), tokens [T] slot per
-token (-1 = base-only), ranks [S] int32 real rank of each slot. One program handles one token, so a
-token's result never depends on the other tokens in the batch.
+Layout (see adapters.lora_ops.SlotWeights): each slot's A_s [r_s, in] and scaled Bt_s [r_s, out]
+live anywhere on the device, found through tables of data pointers (a_ptrs, b_ptrs [S] int64);
+ranks [S] int32 is each slot's rank; tokens [T] slot per token (-1 = base-only). One program
+handles one token, so a token's result never depends on the other tokens in the batch.
 """
 
 # ruff: noqa: ANN001, ANN201
@@ -18,8 +19,8 @@ import triton.language as tl
 
 @triton.jit
 def shrink_kernel(
-    x_ptr,  # [T, in] in A's dtype
-    a_ptr,  # [S, r_max, in]
+    x_ptr,  # [T, in] in the weights' dtype
+    a_ptrs,  # [S] int64: address of each slot's A_s [r_s, in] (contiguous)
     tokens_ptr,  # [T]
     ranks_ptr,  # [S] int32
     h_ptr,  # [SPLITS, T, r_max] fp32 partial sums
@@ -27,16 +28,13 @@ def shrink_kernel(
     k_per_split,  # multiple of BLOCK_K
     stride_xt,
     stride_xk,
-    stride_as,
-    stride_ar,
-    stride_ak,
     stride_hs,
     stride_ht,
     R_MAX: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Grid (T, SPLITS): h[split, t, :rank] = A[s, :rank, k-chunk] @ x[t, k-chunk], fp32."""
+    """Grid (T, SPLITS): h[split, t, :rank] = A_s[:rank, k-chunk] @ x[t, k-chunk], fp32."""
     t = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     slot = tl.load(tokens_ptr + t)  # -1 = base-only
@@ -46,7 +44,7 @@ def shrink_kernel(
     k_lo = split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, in_features)
     x_row = x_ptr + t * stride_xt
-    a_slot = a_ptr + slot * stride_as
+    a_slot = tl.load(a_ptrs + slot).to(tl.pointer_type(x_ptr.dtype.element_ty))  # A_s [r_s, in]
     h_row = h_ptr + split.to(tl.int64) * stride_hs + t * stride_ht
     offs_r = tl.arange(0, BLOCK_R)  # [BLOCK_R]
     offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
@@ -59,7 +57,7 @@ def shrink_kernel(
             kmask = cols < k_hi
             xv = tl.load(x_row + cols * stride_xk, mask=kmask, other=0.0).to(tl.float32)
             av = tl.load(
-                a_slot + rows[:, None] * stride_ar + cols[None, :] * stride_ak,
+                a_slot + rows[:, None] * in_features + cols[None, :],
                 mask=rmask[:, None] & kmask[None, :],
                 other=0.0,
             ).to(tl.float32)  # [BLOCK_R, BLOCK_K]
@@ -70,7 +68,7 @@ def shrink_kernel(
 @triton.jit
 def expand_kernel(
     h_ptr,  # [SPLITS, T, r_max] fp32 partial sums from shrink_kernel
-    b_ptr,  # [S, out, r_max]
+    b_ptrs,  # [S] int64: address of each slot's scaled Bt_s [r_s, out] (contiguous)
     tokens_ptr,  # [T]
     ranks_ptr,  # [S] int32
     out_ptr,  # [T, out]: written, or added to when ADD_OUT
@@ -78,17 +76,15 @@ def expand_kernel(
     num_splits,
     stride_hs,
     stride_ht,
-    stride_bs,
-    stride_bn,
-    stride_br,
     stride_ot,
     stride_on,
+    W_DTYPE: tl.constexpr,  # the weights' dtype
     R_MAX: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ADD_OUT: tl.constexpr,
 ):
-    """Grid (T, cdiv(out, BLOCK_N)): out[t, n-block] (+)= B[s, n-block, :rank] @ sum_split(h), fp32.
+    """Grid (T, cdiv(out, BLOCK_N)): out[t, n-block] (+)= sum_split(h) @ Bt_s[:rank, n-block], fp32.
 
     Without ADD_OUT every output element is written: base-only tokens and rank-0 slots get exact
     zeros. With ADD_OUT the LoRA term is added to out in fp32 and rounded once at the store; rows of
@@ -104,7 +100,7 @@ def expand_kernel(
     nmask = cols < out_features
     offs_r = tl.arange(0, BLOCK_R)  # [BLOCK_R]
     h_row = h_ptr + t * stride_ht
-    b_slot = b_ptr + slot * stride_bs
+    b_slot = tl.load(b_ptrs + slot).to(tl.pointer_type(W_DTYPE))  # Bt_s [r_s, out]
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for r0 in range(0, rank, BLOCK_R):  # only the slot's real rank
         rows = r0 + offs_r  # [BLOCK_R]
@@ -113,7 +109,7 @@ def expand_kernel(
         for split in range(0, num_splits):  # fixed order: deterministic
             hv += tl.load(h_row + split * stride_hs + rows, mask=rmask, other=0.0)
         bv = tl.load(
-            b_slot + cols[:, None] * stride_bn + rows[None, :] * stride_br,
+            b_slot + cols[:, None] + rows[None, :] * out_features,
             mask=nmask[:, None] & rmask[None, :],
             other=0.0,
         ).to(tl.float32)  # [BLOCK_N, BLOCK_R]

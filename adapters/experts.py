@@ -39,62 +39,52 @@ def expert_dims(module: nn.Module, name: str) -> tuple[int, int, int]:
 
 
 class ExpertLoraStack:
-    """Slot stacks of one fused expert parameter: A [S, E, r_max, in] and scaled B stored as
-    Bt [S, E, r_max, out], allocated when the first adapter with LoRA on it is placed."""
+    """Each slot's LoRA on one fused expert parameter at the adapter's own rank: per expert A
+    [E, r_s, in] and scaled B stored as Bt [E, r_s, out]."""
 
     def __init__(
-        self,
-        dims: tuple[int, int, int],
-        num_slots: int,
-        max_rank: int,
-        dtype: torch.dtype,
-        device: torch.device,
+        self, dims: tuple[int, int, int], num_slots: int, dtype: torch.dtype, device: torch.device
     ) -> None:
         self.experts, self.in_features, self.out_features = dims
-        self.num_slots, self.max_rank, self.dtype, self.device = num_slots, max_rank, dtype, device
-        self.lora_A: torch.Tensor | None = None
-        self.lora_Bt: torch.Tensor | None = None
+        self.dtype, self.device = dtype, device
+        self.lora_A: list[torch.Tensor | None] = [None] * num_slots  # [E, r_s, in]
+        self.lora_Bt: list[torch.Tensor | None] = [None] * num_slots  # [E, r_s, out]
         self.active: dict[int, int] = {}  # slot -> rank
 
     @property
-    def capacity_bytes(self) -> int:
-        """Bytes allocated for the stacks (0 until an adapter uses them)."""
-        if self.lora_A is None or self.lora_Bt is None:
-            return 0
-        return sum(t.numel() * t.element_size() for t in (self.lora_A, self.lora_Bt))
+    def nbytes(self) -> int:
+        """Bytes of the tensors the slots hold."""
+        held = (*self.lora_A, *self.lora_Bt)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     def set_slot(self, slot: int, module: LoraModule | None) -> None:
-        """Write an adapter's per-expert A and scaled B into a slot (None clears it)."""
-        if module is not None and self.lora_A is None:
-            shape = (self.num_slots, self.experts, self.max_rank)
-            dtype, device = self.dtype, self.device
-            self.lora_A = torch.zeros(*shape, self.in_features, dtype=dtype, device=device)
-            self.lora_Bt = torch.zeros(*shape, self.out_features, dtype=dtype, device=device)
-        if self.lora_A is None or self.lora_Bt is None:
-            return
-        self.lora_A[slot].zero_()
-        self.lora_Bt[slot].zero_()
+        """Hold an adapter's per-expert A and scaled B in a slot (None empties it)."""
         if module is None:
+            self.lora_A[slot] = self.lora_Bt[slot] = None
             self.active.pop(slot, None)
             return
-        rank = module.rank
-        self.lora_A[slot, :, :rank].copy_(module.A)
-        self.lora_Bt[slot, :, :rank].copy_(module.B.transpose(1, 2)).mul_(module.scaling)
-        self.active[slot] = rank
+        self.lora_A[slot] = module.A.to(self.device, self.dtype, copy=True).contiguous()
+        Bt = module.B.transpose(1, 2).to(self.device, self.dtype, copy=True).contiguous()
+        self.lora_Bt[slot] = Bt.mul_(module.scaling)
+        self.active[slot] = module.rank
 
     def delta(self, x: torch.Tensor, expert: int, slots: torch.Tensor) -> torch.Tensor:
         """LoRA term of tokens x [n, in] routed to expert, with slots [n] (-1: none).  -> [n, out]"""
-        assert self.lora_A is not None and self.lora_Bt is not None
-        use = slots.clamp(min=0)  # [n]; rows with slot -1 are masked below
-        h = torch.bmm(self.lora_A[use, expert], x.to(self.dtype).unsqueeze(-1))  # [n, r, 1]
-        out = torch.bmm(self.lora_Bt[use, expert].transpose(1, 2), h).squeeze(-1)  # [n, out]
-        return out * (slots >= 0).unsqueeze(-1).to(out.dtype)
+        out = torch.zeros(x.shape[0], self.out_features, dtype=self.dtype, device=x.device)
+        for slot in torch.unique(slots[slots >= 0]).tolist():
+            A, Bt = self.lora_A[slot], self.lora_Bt[slot]
+            if A is None or Bt is None:  # this adapter has no LoRA on this parameter
+                continue
+            rows = (slots == slot).nonzero().squeeze(1)  # [k]
+            h = x.index_select(0, rows).to(self.dtype) @ A[expert].t()  # [k, r_s]
+            out.index_copy_(0, rows, h @ Bt[expert])  # [k, out]
+        return out
 
 
 class MultiLoraExperts(nn.Module):
     """A fused-experts module plus per-slot LoRA stacks on its 3-D weights."""
 
-    def __init__(self, base: nn.Module, routing: object, max_rank: int, dtype: torch.dtype) -> None:
+    def __init__(self, base: nn.Module, routing: object, dtype: torch.dtype) -> None:
         super().__init__()
         self.base = base
         self.routing = routing  # adapters.layer.StepRouting
@@ -102,7 +92,7 @@ class MultiLoraExperts(nn.Module):
         device = next(base.parameters()).device
         names = [n for n in EXPERT_PARAMS if isinstance(getattr(base, n, None), nn.Parameter)]
         self.stacks = {
-            n: ExpertLoraStack(expert_dims(base, n), routing.num_slots, max_rank, dtype, device)
+            n: ExpertLoraStack(expert_dims(base, n), routing.num_slots, dtype, device)
             for n in names
         }
 
@@ -162,7 +152,7 @@ def expert_param_dims(model: nn.Module) -> dict[str, tuple[int, int, int]]:
 
 
 def attach_multi_lora_experts(
-    model: nn.Module, routing: object, max_rank: int, dtype: torch.dtype = torch.float32
+    model: nn.Module, routing: object, dtype: torch.dtype = torch.float32
 ) -> dict[str, ExpertLoraStack]:
     """Wrap every fused-experts module of model in place; its stacks keyed by the parameter's path
     as PEFT names it (model.layers.0.mlp.experts.gate_up_proj)."""
@@ -170,7 +160,7 @@ def attach_multi_lora_experts(
     found = [(n, m) for n, m in model.named_modules() if is_experts_module(m)]
     for name, module in found:
         parent_name, _, child = name.rpartition(".")
-        wrapper = MultiLoraExperts(module, routing, max_rank, dtype)
+        wrapper = MultiLoraExperts(module, routing, dtype)
         setattr(model.get_submodule(parent_name), child, wrapper)
         stacks.update({f"{name}.{param}": stack for param, stack in wrapper.stacks.items()})
     return stacks

@@ -1,4 +1,4 @@
-"""The multi-LoRA linear layer: a base linear (bnb Linear4bit or nn.Linear) plus per-slot LoRA stacks.
+"""The multi-LoRA linear layer: a base linear (bnb Linear4bit or nn.Linear) plus per-slot LoRA weights.
 
 Each step the engine sets one StepRouting (per-token slots) shared by every wrapped layer; a token's
 output is base(x) + its own slot's LoRA delta, and base-only tokens (slot -1) get no LoRA term.
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from adapters.format import LoraModule
-from adapters.lora_ops import GroupPlan, lora_grouped, lora_reference
+from adapters.lora_ops import GroupPlan, SlotWeights, lora_reference
 from adapters.triton_lora import lora_triton
 
 LORA_OPS = ("grouped", "reference", "triton")
@@ -21,11 +21,16 @@ class StepRouting:
     """Per-step adapter routing: each token's slot and the grouping plan derived from it once."""
 
     def __init__(
-        self, num_slots: int, op: str = "grouped", device: torch.device | str = "cpu"
+        self,
+        num_slots: int,
+        op: str = "grouped",
+        device: torch.device | str = "cpu",
+        max_rank: int = 256,
     ) -> None:
         if op not in LORA_OPS:
             raise ValueError(f"unknown LoRA op {op!r}; choose from {LORA_OPS}")
         self.num_slots = num_slots
+        self.max_rank = max_rank  # the largest adapter rank accepted: the Triton scratch width
         self.op = op
         self.device = torch.device(device)  # where the wrapped layers run
         self.tokens: torch.Tensor | None = None
@@ -54,14 +59,10 @@ class StepRouting:
 
 
 class MultiLoraLinear(nn.Module):
-    """base(x) + per-token LoRA from slot stacks A [S, r_max, in] and B [S, out, r_max] (scaled)."""
+    """base(x) + per-token LoRA from each slot's weights, held at the adapter's own rank."""
 
     def __init__(
-        self,
-        base: nn.Module,
-        routing: StepRouting,
-        max_rank: int,
-        dtype: torch.dtype = torch.float32,
+        self, base: nn.Module, routing: StepRouting, dtype: torch.dtype = torch.float32
     ) -> None:
         super().__init__()
         self.base = base
@@ -69,23 +70,9 @@ class MultiLoraLinear(nn.Module):
         self.in_features: int = base.in_features
         self.out_features: int = base.out_features
         device = next(base.parameters()).device
-        slots = routing.num_slots
-        self.register_buffer(
-            "lora_A", torch.zeros(slots, max_rank, self.in_features, dtype=dtype, device=device)
+        self.lora = SlotWeights(
+            routing.num_slots, self.in_features, self.out_features, dtype, device
         )
-        # B is stored as [S, r_max, out] so that x @ A.T @ B.T reads it contiguously (lora_grouped)
-        self.register_buffer(
-            "lora_Bt", torch.zeros(slots, max_rank, self.out_features, dtype=dtype, device=device)
-        )
-        # real rank per slot, read by the Triton kernels so padding past it is never touched
-        self.register_buffer("slot_ranks", torch.zeros(slots, dtype=torch.int32, device=device))
-        # slot -> rank of the adapter it holds (the host copy of slot_ranks' nonzero entries)
-        self.active: dict[int, int] = {}
-
-    @property
-    def lora_B(self) -> torch.Tensor:
-        """The B stack [S, out, r_max] (a view of the stored [S, r_max, out])."""
-        return self.lora_Bt.transpose(1, 2)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -93,35 +80,21 @@ class MultiLoraLinear(nn.Module):
         return self.base.weight
 
     @property
-    def max_rank(self) -> int:
-        """The rank capacity of each slot."""
-        return self.lora_A.shape[1]
+    def nbytes(self) -> int:
+        """Bytes of the LoRA tensors the slots hold."""
+        return self.lora.nbytes
 
     @property
-    def capacity_bytes(self) -> int:
-        """Bytes preallocated for the A and B stacks of all slots."""
-        return sum(t.numel() * t.element_size() for t in (self.lora_A, self.lora_Bt))
+    def active(self) -> dict[int, int]:
+        """slot -> rank of the slots holding an adapter that adapts this layer."""
+        return self.lora.active
 
     def set_slot(self, slot: int, module: LoraModule | None) -> None:
-        """Write an adapter's A and scaled B into a slot (None clears the slot).
-
-        Only rows past the new rank that held the old adapter are zeroed; the rest is overwritten.
-        """
-        rank = 0 if module is None else module.rank
-        if rank > self.max_rank:
-            raise ValueError(f"rank {rank} exceeds the slot capacity {self.max_rank}")
-        previous = self.active.get(slot, 0)
-        if previous > rank:
-            self.lora_A[slot, rank:previous].zero_()
-            self.lora_Bt[slot, rank:previous].zero_()
-        if module is not None:
-            self.lora_A[slot, :rank].copy_(module.A)
-            self.lora_Bt[slot, :rank].copy_(module.B.t()).mul_(module.scaling)
-        self.slot_ranks[slot] = rank
+        """Hold an adapter's A and scaled B in a slot at its rank (None empties the slot)."""
         if module is None:
-            self.active.pop(slot, None)
+            self.lora.set(slot, None, None, 0.0)
         else:
-            self.active[slot] = rank
+            self.lora.set(slot, module.A, module.B, module.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out]."""
@@ -136,12 +109,12 @@ class MultiLoraLinear(nn.Module):
             # added into the base output by the expand kernel (fp32 sum, one rounding): no extra
             # launch for the add; y is the base layer's fresh output, so the view aliases it
             out = y.view(-1, self.out_features)  # [T, out]
-            lora_triton(flat, self.lora_A, self.lora_B, routing.tokens, self.slot_ranks, out)
+            lora_triton(flat, self.lora, routing.tokens, routing.max_rank, out)
             return y
         if routing.op == "reference":
-            delta = lora_reference(flat, self.lora_A, self.lora_B, routing.tokens)
+            delta = lora_reference(flat, self.lora, routing.tokens)
         else:
-            delta = lora_grouped(flat, self.lora_A, self.lora_B, routing.plan)
+            delta = self.lora.grouped(flat, routing.plan)
         # as PEFT does: the LoRA output is cast to the base output's dtype, then added
         return y + delta.view(*y.shape[:-1], self.out_features).to(y.dtype)
 
@@ -167,7 +140,7 @@ def decoder_linear_names(model: nn.Module) -> list[str]:
 
 
 def attach_multi_lora(
-    model: nn.Module, routing: StepRouting, max_rank: int, dtype: torch.dtype = torch.float32
+    model: nn.Module, routing: StepRouting, dtype: torch.dtype = torch.float32
 ) -> dict[str, MultiLoraLinear]:
     """Wrap every decoder linear of model in place; returns the wrappers by base module path."""
     wrapped: dict[str, MultiLoraLinear] = {}
@@ -176,7 +149,7 @@ def attach_multi_lora(
             raise ValueError(f"{name} is already wrapped")
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        layer = MultiLoraLinear(getattr(parent, child), routing, max_rank, dtype)
+        layer = MultiLoraLinear(getattr(parent, child), routing, dtype)
         setattr(parent, child, layer)
         wrapped[name] = layer
     return wrapped

@@ -96,13 +96,14 @@ class AdapterRegistry:
         weights: AdapterWeights | None = None,
         source: str = "api",
         signature: Signature | None = None,
+        full: bool = False,
     ) -> AdapterEntry:
-        """Add or replace an adapter. Without weights only its header is validated (the values are
-        read on first use); with fully read weights they also enter the host cache."""
-        if weights is None:
-            summary = self._read(name, path, True)
-        else:
-            summary = weights
+        """Add or replace an adapter. Without weights it is read from path: fully with full (every
+        check, values included, and the weights enter the host cache), else only its header (the
+        values are checked on first use); given fully read weights enter the host cache."""
+        if weights is None and full:
+            weights = self._read(name, path, False)
+        summary = self._read(name, path, True) if weights is None else weights
         if signature is None:
             signature = folder_signature(Path(path))
         with self._lock:

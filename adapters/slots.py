@@ -1,17 +1,22 @@
-"""Device slots for adapters: which adapter version sits in which slot of every multi-LoRA layer
-(wrapped linears and fused-expert parameters alike).
+"""Device slots for adapters within a byte budget: which adapter version sits in which slot of every
+multi-LoRA layer (wrapped linears and fused-expert parameters alike).
 
-A slot holds one adapter version, keyed (name, version). Slots are reused least-recently-used first
-and a slot pinned by a sequence is never evicted. When a version stops being current (the adapter
-was replaced or removed) its slot is detached: sequences already pinned to it keep those weights to
-their end, and the slot is cleared when the last one releases it. Used from the engine thread only;
-`resident_names` is a snapshot other threads may read.
+Each adapter is held at its own rank (adapters/lora_ops.py), so it takes device bytes in proportion
+to its rank and target layers; admission counts those bytes against the budget (`--adapter-memory`)
+and a slot is only an index. A slot holds one adapter version, keyed (name, version). Adapters are
+evicted least-recently-used first until a new one fits, and one pinned by a sequence is never
+evicted. When a version stops being current (the adapter was replaced or removed) its slot is
+detached: sequences already pinned to it keep those weights to their end, and the slot is freed when
+the last one releases it. Used from the engine thread only; `resident_names` is a snapshot other
+threads may read.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+
+import torch
 
 from adapters.errors import AdapterError
 from adapters.experts import ExpertLoraStack
@@ -21,41 +26,46 @@ from adapters.layer import MultiLoraLinear
 SlotKey = tuple[str, int]  # (adapter name, registry version)
 
 
+def device_bytes(weights: AdapterWeights, dtype: torch.dtype) -> int:
+    """Bytes an adapter takes on the device in dtype: its A and B at their own ranks."""
+    return sum(m.A.numel() + m.B.numel() for m in weights.modules.values()) * dtype.itemsize
+
+
 class SlotTable:
-    """Maps adapter versions to device slots over a set of wrapped layers."""
+    """Maps adapter versions to slots over a set of wrapped layers, within a byte budget."""
 
     def __init__(
-        self, layers: dict[str, MultiLoraLinear | ExpertLoraStack], num_slots: int
+        self,
+        layers: dict[str, MultiLoraLinear | ExpertLoraStack],
+        num_slots: int,
+        budget_bytes: int,
+        max_rank: int,
+        dtype: torch.dtype,
     ) -> None:
         self.layers = layers
         self.num_slots = num_slots
+        self.budget_bytes = budget_bytes
+        self.max_rank = max_rank
+        self.dtype = dtype
         self.resident: OrderedDict[SlotKey, int] = OrderedDict()  # current versions, LRU first
         self.detached: set[int] = set()  # slots of old versions still pinned
         self.pins = [0] * num_slots
-        self.slot_bytes = [0] * num_slots  # bytes of real (unpadded) weights in each slot
+        self.slot_bytes = [0] * num_slots  # device bytes of the weights each slot holds
         self.keys: list[SlotKey | None] = [None] * num_slots  # the version each slot holds
         self.digests = [""] * num_slots  # digest of the weights each slot holds
         self.free = list(range(num_slots - 1, -1, -1))
         self.resident_names: frozenset[str] = frozenset()
+        self.resident_bytes: dict[str, int] = {}  # snapshot: device bytes per resident adapter
         self.placements = 0
 
     @property
-    def max_rank(self) -> int:
-        """The rank capacity of a slot."""
-        return next(iter(self.layers.values())).max_rank
-
-    @property
-    def capacity_bytes(self) -> int:
-        """Bytes allocated for all slots of all layers (A and B stacks)."""
-        return sum(layer.capacity_bytes for layer in self.layers.values())
-
-    @property
     def used_bytes(self) -> int:
-        """Bytes of the adapter weights held in slots (current and detached), rank padding excluded."""
+        """Device bytes of the adapters held (current and detached)."""
         return sum(self.slot_bytes)
 
     def check(self, weights: AdapterWeights) -> None:
-        """Raise AdapterError if weights cannot sit in a slot (unknown modules, rank too large)."""
+        """Raise AdapterError if weights can never be held (unknown modules, rank above the limit,
+        more bytes than the whole budget)."""
         unknown = set(weights.modules) - set(self.layers)
         if unknown:
             raise AdapterError(
@@ -68,6 +78,13 @@ class SlotTable:
                 f"{self.max_rank} (--max-lora-rank)",
                 "rank_too_large",
             )
+        need = device_bytes(weights, self.dtype)
+        if need > self.budget_bytes:
+            raise AdapterError(
+                f"adapter {weights.name!r} needs {need} bytes of device memory, more than the "
+                f"whole adapter budget of {self.budget_bytes} bytes (--adapter-memory)",
+                "adapter_too_large",
+            )
 
     def pin(self, key: SlotKey) -> int | None:
         """Pin key's slot if it is resident; None otherwise."""
@@ -79,19 +96,22 @@ class SlotTable:
         return slot
 
     def place(self, key: SlotKey, weights: AdapterWeights) -> int | None:
-        """Pin key's slot, writing weights into a free or LRU slot if needed; None if all are pinned."""
+        """Pin key's slot, writing weights into a slot once their bytes fit the budget (evicting
+        least recently used unpinned adapters); None while pinned adapters fill it."""
         slot = self.pin(key)
         if slot is not None:
             return slot
         self.check(weights)
-        slot = self._take_slot()
-        if slot is None:
-            return None
-        for path, layer in self.layers.items():
-            module = weights.modules.get(path)
-            if module is not None or slot in layer.active:  # an inactive slot is already zero
-                layer.set_slot(slot, module)
-        self.slot_bytes[slot] = weights.nbytes
+        need = device_bytes(weights, self.dtype)
+        while not self.free or self.used_bytes + need > self.budget_bytes:
+            victim = next((k for k, s in self.resident.items() if not self.pins[s]), None)
+            if victim is None:
+                return None
+            self._clear(self.resident.pop(victim))
+        slot = self.free.pop()
+        for path, module in weights.modules.items():
+            self.layers[path].set_slot(slot, module)
+        self.slot_bytes[slot] = need
         self.keys[slot] = key
         self.digests[slot] = weights.digest
         self.placements += 1
@@ -101,7 +121,7 @@ class SlotTable:
         return slot
 
     def release(self, slot: int) -> None:
-        """Unpin a slot; a detached slot is cleared once nobody uses it."""
+        """Unpin a slot; a detached slot is freed once nobody uses it."""
         self.pins[slot] -= 1
         if self.pins[slot] == 0 and slot in self.detached:
             self.detached.remove(slot)
@@ -117,13 +137,6 @@ class SlotTable:
                 self._clear(slot)
         self._snapshot()
 
-    def _take_slot(self) -> int | None:
-        """A free slot, else the least recently used unpinned one (overwritten by place)."""
-        if self.free:
-            return self.free.pop()
-        victim = next((k for k, s in self.resident.items() if not self.pins[s]), None)
-        return None if victim is None else self.resident.pop(victim)
-
     def _clear(self, slot: int) -> None:
         for layer in self.layers.values():
             if slot in layer.active:
@@ -132,6 +145,8 @@ class SlotTable:
         self.keys[slot] = None
         self.digests[slot] = ""
         self.free.append(slot)
+        self._snapshot()
 
     def _snapshot(self) -> None:
         self.resident_names = frozenset(name for name, _ in self.resident)
+        self.resident_bytes = {name: self.slot_bytes[s] for (name, _), s in self.resident.items()}

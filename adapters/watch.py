@@ -5,7 +5,8 @@ once it holds both adapter_config.json and adapter_model.safetensors and the siz
 are unchanged across two consecutive polls. Names starting with "." are ignored, so
 `cp -r x .tmp-x && mv .tmp-x x` adds an adapter atomically. At start-up the folder is taken as it is
 (one scan, no wait); a truncated file fails validation there and is retried when it changes.
-A folder that fails validation is logged and retried only when its files change. A registered folder
+A folder is listed only after the same full checks as the load route (config, header, every value
+finite, the budget): one that fails is logged and retried only when its files change. A registered folder
 that disappears (or loses a file) is unregistered; requests already running keep their weights.
 An adapter unloaded through the API stays unloaded until its folder changes.
 """
@@ -114,7 +115,7 @@ class AdapterDirWatcher:
         try:
             validate_name(name, self.base_name)
             real = resolve_adapter_folder(folder, [self.root])
-            self.registry.register(name, str(real), source="dir", signature=signature)
+            self.registry.register(name, str(real), source="dir", signature=signature, full=True)
         except (AdapterError, OSError) as error:
             result.skipped[name] = str(error)
             log.error("adapter %s skipped: %s", folder, error)

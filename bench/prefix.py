@@ -37,7 +37,7 @@ from loader.config import Config
 from server.engine.core import EngineCore
 
 QUICK = {"adapters": 4, "requests_per_adapter": 4, "system_tokens": 256, "rounds": 1}
-RANK = 16  # the default max_lora_rank: every slot is padded to it anyway
+RANK = 16  # the trainer's default rank
 WARM_TOKENS = 8  # warm-up prompts: shorter than a block, so they leave nothing cached
 WORKLOADS = ("shared", "distinct")  # per-adapter system prompts; every prompt distinct
 GOALS = {
@@ -110,7 +110,6 @@ def _engine(args: argparse.Namespace, caching: bool, adapter_paths: list[Path]) 
         max_batch_tokens=args.max_batch_tokens,
         max_num_seqs=requests,
         kv_capacity_tokens=requests * (per_request + Config.block_size),
-        max_loras=max(Config.max_loras, args.adapters),
         max_cpu_loras=max(Config.max_cpu_loras, args.adapters),
     )
     engine = EngineCore(load_base(config), config)

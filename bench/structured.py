@@ -52,7 +52,7 @@ from server.engine.types import SamplingParams
 from server.structured import Grammars, GrammarSpec
 
 QUICK = {"requests": 8, "adapters": 2, "rounds": 1, "compile_rounds": 5}
-RANK = 16  # the default max_lora_rank (every slot is padded to it anyway)
+RANK = 16  # the trainer's default rank
 MODES = ("none", "half")  # no request constrained; every other request constrained
 GOALS = {"structured_throughput_ratio": (">=", 0.9)}
 
@@ -495,7 +495,6 @@ def _engine(
         enable_prefix_caching=False,
         max_num_seqs=args.requests,
         kv_capacity_tokens=args.requests * (longest_prompt + args.max_tokens + Config.block_size),
-        max_loras=max(Config.max_loras, args.adapters),
         max_cpu_loras=max(Config.max_cpu_loras, args.adapters),
     )
     engine = EngineCore(base, config)

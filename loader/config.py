@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,26 @@ TOOL_CALL_PARSERS = ("hermes", "llama3_json")  # the model's own tool-call outpu
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+MAX_SLOTS = 1024  # adapters resident at once when max_loras sets no cap
+SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+
+
 class ConfigError(ValueError):
     """A configuration value is out of range or inconsistent."""
+
+
+def parse_memory(spec: str) -> tuple[float, bool]:
+    """(amount, is_fraction) of a memory size: a fraction of the device in (0, 1] such as 0.05, or
+    bytes with an optional unit: 512MiB, 2GiB, 1.5GB, 800M, 1000000."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?)?b?\s*", str(spec).lower())
+    if match is None:
+        raise ConfigError(f"adapter_memory must be a size (512MiB, 2GB) or a fraction (0.05), got {spec!r}")
+    number, unit = float(match.group(1)), match.group(2) or ""
+    if not unit and number <= 1:
+        if number <= 0:
+            raise ConfigError(f"adapter_memory must be positive, got {spec!r}")
+        return number, True
+    return number * SIZE_UNITS[unit], False
 
 
 @dataclass
@@ -43,10 +62,11 @@ class Config:
     adapters_dir: str | None = None
     adapter_roots: str | None = None
     adapters_poll_s: float = 1.0
-    max_loras: int = 8
+    adapter_memory: str = "0.05"  # device bytes for adapter weights: a size or a fraction
+    max_loras: int | None = None  # optional cap on adapters resident on the device at once
     max_cpu_loras: int = 64
-    max_lora_rank: int = 16  # vLLM's default; each slot is padded to it
-    max_adapter_bytes: int = 512 * 1024 * 1024
+    max_lora_rank: int = 256  # each adapter is held at its own rank; this only bounds them
+    max_adapter_bytes: int = 4 * 1024**3  # float32 bytes: rank 256 on every linear of an 8B base
     lora_dtype: str = "auto"
     train_demo_adapters: bool = False  # train the missing demo adapters into adapters_dir
     # HTTP
@@ -92,7 +112,6 @@ class Config:
             "max_batch_tokens",
             "kv_capacity_tokens",
             "block_size",
-            "max_loras",
             "max_cpu_loras",
             "max_lora_rank",
             "max_adapter_bytes",
@@ -105,8 +124,11 @@ class Config:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.max_cpu_loras < self.max_loras:
+        if self.max_loras is not None and not 0 < self.max_loras <= MAX_SLOTS:
+            raise ConfigError(f"max_loras must be in 1..{MAX_SLOTS}, got {self.max_loras}")
+        if self.max_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ConfigError("max_cpu_loras must be >= max_loras")
+        parse_memory(self.adapter_memory)
         if self.adapters_poll_s < 0:
             raise ConfigError(f"adapters_poll_s must be >= 0, got {self.adapters_poll_s}")
         if self.shutdown_grace_s < 0:
@@ -127,6 +149,17 @@ class Config:
         if self.lora_dtype != "auto":
             return COMPUTE_DTYPES[self.lora_dtype]
         return torch.float32 if self.resolved_device == "cpu" else self.torch_compute_dtype
+
+    @property
+    def slot_count(self) -> int:
+        """How many adapters the device may hold at once: max_loras, else as many as the budget
+        holds up to MAX_SLOTS."""
+        return self.max_loras or MAX_SLOTS
+
+    def adapter_memory_bytes(self, device_bytes: int) -> int:
+        """The adapter budget in bytes on a device of device_bytes."""
+        amount, fraction = parse_memory(self.adapter_memory)
+        return int(amount * device_bytes) if fraction else int(amount)
 
     @property
     def adapter_root_paths(self) -> list[Path]:

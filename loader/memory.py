@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import bitsandbytes as bnb
@@ -105,3 +106,10 @@ def memory_report(model: nn.Module) -> MemoryReport:
         len(routers),
         sum(p.numel() * p.element_size() for m in routers for p in m.parameters()),
     )
+
+
+def device_memory_bytes(device: str) -> int:
+    """Total memory of a device: the GPU's for cuda, the machine's RAM for cpu."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -15,6 +15,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from server.auth import current_key, may_use
+from server.openai_routes import adapter_memory
 from server.response_schemas import AdapterUsageList, documented
 from server.state import get_state
 
@@ -46,11 +47,7 @@ async def adapter_usage(request: Request) -> dict[str, Any]:
         row["requests"] = usage.requests[row["id"]]
         row["generated_tokens"] = usage.generated_tokens[row["id"]]
     stats = st.engine.stats()
-    device = {
-        "resident_adapters": stats.resident_adapters,
-        "used_bytes": stats.adapter_device_bytes,
-        "slot_bytes": stats.adapter_slot_bytes,
-    }
+    device = {"resident_adapters": stats.resident_adapters, **adapter_memory(stats)}
     return {"object": "list", "role": current_key(request).role, "data": rows, "device": device}
 
 

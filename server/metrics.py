@@ -55,12 +55,16 @@ class EngineCollector(Collector):
                 s.adapter_host_bytes,
             ),
             "loraplex_adapter_device_bytes": (
-                "adapter weight bytes held in device slots (rank padding excluded)",
+                "device bytes of the adapters held, each at its own rank",
                 s.adapter_device_bytes,
             ),
-            "loraplex_adapter_slot_bytes": (
-                "bytes preallocated for all device adapter slots",
-                s.adapter_slot_bytes,
+            "loraplex_adapter_memory_budget_bytes": (
+                "device bytes adapters may take (--adapter-memory)",
+                s.adapter_memory_budget,
+            ),
+            "loraplex_adapter_memory_free_bytes": (
+                "device bytes of the adapter budget not in use",
+                s.adapter_memory_budget - s.adapter_device_bytes,
             ),
             "loraplex_registered_adapters": (
                 "adapters the server can serve",

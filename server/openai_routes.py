@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from server.auth import may_use
+from server.engine.types import EngineStats
 from server.errors import APIError
 from server.formatting import ChatFormat, CompletionFormat
 from server.responding import respond
@@ -40,6 +41,12 @@ from server.translate import (
 router = APIRouter(prefix="/v1")
 
 
+def adapter_memory(stats: EngineStats) -> dict[str, int]:
+    """The device's adapter budget (--adapter-memory), the bytes in use and free."""
+    budget, used = stats.adapter_memory_budget, stats.adapter_device_bytes
+    return {"budget_bytes": budget, "used_bytes": used, "free_bytes": budget - used}
+
+
 def _model_cards(request: Request) -> list[dict[str, Any]]:
     """The base model's card and those of the adapters the key may use."""
     st = get_state(request)
@@ -51,6 +58,7 @@ def _model_cards(request: Request) -> list[dict[str, Any]]:
         "root": str(st.engine.base.path),
         "parent": None,
         "max_model_len": st.engine.max_model_len,
+        "metadata": {"adapter_memory": adapter_memory(st.engine.stats())},
     }
     adapters = [
         {
@@ -60,7 +68,7 @@ def _model_cards(request: Request) -> list[dict[str, Any]]:
             "owned_by": "loraplex",
             "root": info["path"],
             "parent": st.base_name,
-            "metadata": {k: info[k] for k in ("rank", "bytes", "tier") if k in info},
+            "metadata": {k: info[k] for k in ("rank", "bytes", "device_bytes", "tier")},
         }
         for name, info in st.engine.adapter_info().items()
         if may_use(request, name, st.base_name)

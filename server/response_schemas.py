@@ -256,11 +256,12 @@ class ModelUsageCard(BaseModel):
 
 
 class DeviceAdapterMemory(BaseModel):
-    """Device memory for adapter weights."""
+    """Device memory for adapter weights (each adapter at its own rank)."""
 
     resident_adapters: int
-    used_bytes: int  # weights held in device slots
-    slot_bytes: int  # allocated for all slots
+    budget_bytes: int  # --adapter-memory
+    used_bytes: int
+    free_bytes: int
 
 
 class AdapterUsageList(BaseModel):

@@ -14,6 +14,7 @@ from adapters.slots import SlotTable
 from adapters.train.manifest import base_fingerprint
 from loader.architecture import inspect_architecture
 from loader.config import Config
+from loader.memory import device_memory_bytes
 from loader.model import BaseModel
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.grammar import advance, constrain
@@ -53,15 +54,17 @@ class EngineCore:
         log.info("architecture %s: attention %s", self.arch.model_type, self.arch.features())
         # Triton BGMV kernels on CUDA, grouped batched GEMMs on CPU (see adapters/lora_ops.py)
         lora_op = lora_op or ("triton" if device.startswith("cuda") else "grouped")
-        self.routing = StepRouting(config.max_loras, lora_op, device)
-        self.layers = attach_multi_lora(
-            model, self.routing, config.max_lora_rank, config.torch_lora_dtype
-        )
+        slots, lora_dtype = config.slot_count, config.torch_lora_dtype
+        self.routing = StepRouting(slots, lora_op, device, config.max_lora_rank)
+        self.layers = attach_multi_lora(model, self.routing, lora_dtype)
         # fused MoE experts: LoRA on their 3-D weights (PEFT target_parameters) shares the slots
-        experts = attach_multi_lora_experts(
-            model, self.routing, config.max_lora_rank, config.torch_lora_dtype
+        experts = attach_multi_lora_experts(model, self.routing, lora_dtype)
+        budget = config.adapter_memory_bytes(device_memory_bytes(device))
+        self.slots = SlotTable(
+            {**self.layers, **experts}, slots, budget, config.max_lora_rank, lora_dtype
         )
-        self.slots = SlotTable({**self.layers, **experts}, config.max_loras)
+        log.info("adapter memory: %.1f MiB on %s (--adapter-memory %s)", budget / 2**20, device,
+                 config.adapter_memory)  # fmt: skip
         self.shapes = base_linear_shapes(model)
         self.fingerprint = base_fingerprint(base)  # compared with trainer manifests
         self.registry = AdapterRegistry(self.read_adapter, config.max_cpu_loras)
@@ -100,9 +103,10 @@ class EngineCore:
 
     # adapters -----------------------------------------------------------------------------
     def read_adapter(self, name: str, path: str, header_only: bool = False) -> AdapterWeights:
-        """Read and validate an adapter folder against the served base (no engine state touched)."""
+        """Read and validate an adapter folder against the served base and the device's adapter
+        budget (no engine state touched)."""
         cfg = self.config
-        return read_adapter(
+        weights = read_adapter(
             path,
             name,
             self.shapes,
@@ -111,6 +115,8 @@ class EngineCore:
             self.fingerprint,
             header_only=header_only,
         )
+        self.slots.check(weights)
+        return weights
 
     def close(self) -> None:
         """Stop the adapter loader thread."""
@@ -326,7 +332,7 @@ class EngineCore:
             host_adapters=host_adapters,
             adapter_host_bytes=host_bytes,
             adapter_device_bytes=self.slots.used_bytes,
-            adapter_slot_bytes=self.slots.capacity_bytes,
+            adapter_memory_budget=self.slots.budget_bytes,
             adapter_loads=self.registry.loads,
             adapter_pins=sum(self.slots.pins),
             prefix_cached_blocks=self.kv.cached_blocks,

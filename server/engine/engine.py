@@ -10,6 +10,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 
 from adapters.errors import AdapterError
+from adapters.format import FLOAT32_BYTES
 from adapters.names import validate_name
 from adapters.registry import AdapterEntry, resolve_adapter_folder
 from adapters.watch import AdapterDirWatcher, ScanResult
@@ -170,8 +171,13 @@ class AsyncEngine:
         return self.registry.names()
 
     def adapter_info(self) -> dict[str, dict]:
-        """Per adapter: path, rank, float32 weight bytes, tier (device, host or disk)."""
-        return self.registry.info(self.core.slots.resident_names)
+        """Per adapter: path, rank, float32 weight bytes, the bytes it takes on the device (at its
+        own rank, in the LoRA dtype), tier (device, host or disk)."""
+        info = self.registry.info(self.core.slots.resident_names)
+        itemsize = self.config.torch_lora_dtype.itemsize
+        for entry in info.values():
+            entry["device_bytes"] = entry["bytes"] // FLOAT32_BYTES * itemsize
+        return info
 
     # requests -----------------------------------------------------------------------------
     async def generate(

@@ -121,8 +121,8 @@ class EngineStats:
     generated_tokens: int
     host_adapters: int = 0  # adapters in the host-memory cache
     adapter_host_bytes: int = 0  # their float32 weight bytes
-    adapter_device_bytes: int = 0  # adapter weight bytes in device slots (rank padding excluded)
-    adapter_slot_bytes: int = 0  # bytes preallocated for all device slots
+    adapter_device_bytes: int = 0  # device bytes of the adapters held (each at its own rank)
+    adapter_memory_budget: int = 0  # device bytes adapters may take (--adapter-memory)
     adapter_loads: int = 0  # adapters read from disk by the background loader
     adapter_pins: int = 0  # running or waiting sequences holding an adapter slot
     open_streams: int = 0  # requests whose output stream has not ended (AsyncEngine)

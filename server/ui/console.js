@@ -134,7 +134,8 @@ function renderModels(listing) {
   const device = listing.device;
   $("#device").textContent =
     `${device.resident_adapters} adapters on the device: ` +
-    `${formatBytes(device.used_bytes)} of weights in ${formatBytes(device.slot_bytes)} of slots`;
+    `${formatBytes(device.used_bytes)} of the ${formatBytes(device.budget_bytes)} adapter budget ` +
+    `(${formatBytes(device.free_bytes)} free)`;
 
   const body = $("#models tbody");
   body.replaceChildren();
