@@ -30,7 +30,9 @@ def parse_memory(spec: str) -> tuple[float, bool]:
     bytes with an optional unit: 512MiB, 2GiB, 1.5GB, 800M, 1000000."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?)?b?\s*", str(spec).lower())
     if match is None:
-        raise ConfigError(f"adapter_memory must be a size (512MiB, 2GB) or a fraction (0.05), got {spec!r}")
+        raise ConfigError(
+            f"adapter_memory must be a size (512MiB, 2GB) or a fraction (0.05), got {spec!r}"
+        )
     number, unit = float(match.group(1)), match.group(2) or ""
     if not unit and number <= 1:
         if number <= 0:
