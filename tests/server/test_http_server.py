@@ -222,6 +222,18 @@ def test_metrics_parse_and_count_per_adapter(server):
     assert samples[("loraplex_adapter_generated_tokens_total", (("adapter", "beta"),))] > 0
     ok = (("route", "/v1/completions"), ("status", "200"))
     assert samples[("loraplex_http_requests_total", ok)] >= 5
+    # the device's adapter budget: used = the resident adapters' bytes at their own rank
+    budget = samples[("loraplex_adapter_memory_budget_bytes", ())]
+    used = samples[("loraplex_adapter_device_bytes", ())]
+    assert 0 < used <= budget
+    assert samples[("loraplex_adapter_memory_free_bytes", ())] == budget - used
+    cards = httpx.get(server.url + "/v1/models").json()["data"]
+    base = next(c for c in cards if c["parent"] is None)
+    expected = {"budget_bytes": budget, "used_bytes": used, "free_bytes": budget - used}
+    assert base["metadata"]["adapter_memory"] == expected
+    adapters = [c["metadata"] for c in cards if c["parent"] is not None]
+    assert all(m["device_bytes"] == m["bytes"] for m in adapters)  # float32 LoRA on the CPU
+    assert used == sum(m["device_bytes"] for m in adapters if m["tier"] == "device")
     assert samples[("loraplex_time_to_first_token_seconds_count", ())] > 0
     assert samples[("loraplex_inter_token_latency_seconds_count", ())] > 0
     assert samples[("loraplex_registered_adapters", ())] == 4
