@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.format import LoraModule
+from adapters.lora_ops import CONTIGUOUS
 
 EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
 EXPERT_FLAGS = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm")
@@ -63,8 +64,12 @@ class ExpertLoraStack:
             self.lora_A[slot] = self.lora_Bt[slot] = None
             self.active.pop(slot, None)
             return
-        self.lora_A[slot] = module.A.to(self.device, self.dtype, copy=True).contiguous()
-        Bt = module.B.transpose(1, 2).to(self.device, self.dtype, copy=True).contiguous()
+        self.lora_A[slot] = module.A.to(
+            self.device, self.dtype, copy=True, memory_format=CONTIGUOUS
+        )
+        Bt = module.B.transpose(1, 2).to(
+            self.device, self.dtype, copy=True, memory_format=CONTIGUOUS
+        )
         self.lora_Bt[slot] = Bt.mul_(module.scaling)
         self.active[slot] = module.rank
 

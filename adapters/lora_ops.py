@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+CONTIGUOUS = torch.contiguous_format  # a slot's own copy, laid out row by row (one pass)
+
 
 class SlotWeights:
     """One layer's LoRA weights per slot, each at its own rank, plus what the Triton kernels read
@@ -55,8 +57,8 @@ class SlotWeights:
             self.active.pop(slot, None)
             rank, a_ptr, b_ptr = 0, 0, 0
         else:
-            self.A[slot] = A.to(self.device, self.dtype, copy=True).contiguous()
-            Bt = B.t().to(self.device, self.dtype, copy=True).contiguous()
+            self.A[slot] = A.to(self.device, self.dtype, copy=True, memory_format=CONTIGUOUS)
+            Bt = B.t().to(self.device, self.dtype, copy=True, memory_format=CONTIGUOUS)
             self.Bt[slot] = Bt.mul_(scaling)
             rank = A.shape[0]
             self.active[slot] = rank
