@@ -87,13 +87,12 @@ def lora_reference(x: torch.Tensor, weights: SlotWeights, tokens: torch.Tensor) 
 class GroupPlan:
     """How one step's tokens are grouped by slot; built once per step, shared by every layer.
 
-    slots    [G]      the distinct slots present, ascending (slot_list: the same on the host)
+    slots    [G]      the distinct slots present, ascending (on the host)
     gather   [G * m]  row of x feeding each padded group position (T = a zero pad row)
     scatter  [T]      padded position holding each token's result (G * m = a zero row; base tokens)
     """
 
-    slots: torch.Tensor
-    slot_list: list[int]
+    slots: list[int]
     gather: torch.Tensor
     scatter: torch.Tensor
     group_size: int
@@ -120,13 +119,12 @@ class GroupPlan:
         gather[padded] = order
         scatter = torch.full((T,), G * m, dtype=torch.int64)
         scatter[order] = padded
-        return cls(slots, slots.tolist(), gather, scatter, m)
+        return cls(slots.tolist(), gather, scatter, m)
 
     def to(self, device: torch.device) -> GroupPlan:
         """The same plan with its index tensors on device."""
         return GroupPlan(
-            self.slots.to(device),
-            self.slot_list,
+            self.slots,
             self.gather.to(device),
             self.scatter.to(device),
             self.group_size,
@@ -138,14 +136,14 @@ def lora_grouped(x: torch.Tensor, weights: SlotWeights, plan: GroupPlan) -> torc
     adapter's own rank, scattered back. Each adapter's weights are read once per step, in place
     (never gathered or padded), whatever the number of its tokens.  -> [T, out]"""
     T, width = x.shape
-    G, m = len(plan.slot_list), plan.group_size
+    G, m = len(plan.slots), plan.group_size
     dtype = weights.dtype
     x_ext = torch.cat([x.to(dtype), x.new_zeros(1, width, dtype=dtype)])  # [T+1, in]
     xg = x_ext.index_select(0, plan.gather).view(G, m, width)  # [G, m, in]
     y = x.new_empty(G * m + 1, weights.out_features, dtype=dtype)  # [G*m+1, out]
     y[-1].zero_()  # the row base-only tokens read
     yg = y[:-1].view(G, m, -1)  # [G, m, out]
-    for g, slot in enumerate(plan.slot_list):
+    for g, slot in enumerate(plan.slots):
         A, Bt = weights.A[slot], weights.Bt[slot]
         if A is None or Bt is None:  # this adapter does not adapt this layer
             yg[g].zero_()

@@ -63,9 +63,9 @@ class SlotTable:
         """Device bytes of the adapters held (current and detached)."""
         return sum(self.slot_bytes)
 
-    def check(self, weights: AdapterWeights) -> None:
-        """Raise AdapterError if weights can never be held (unknown modules, rank above the limit,
-        more bytes than the whole budget)."""
+    def check(self, weights: AdapterWeights) -> int:
+        """The device bytes weights take; AdapterError if they can never be held (unknown modules,
+        rank above the limit, more bytes than the whole budget)."""
         unknown = set(weights.modules) - set(self.layers)
         if unknown:
             raise AdapterError(
@@ -85,6 +85,7 @@ class SlotTable:
                 f"whole adapter budget of {self.budget_bytes} bytes (--adapter-memory)",
                 "adapter_too_large",
             )
+        return need
 
     def pin(self, key: SlotKey) -> int | None:
         """Pin key's slot if it is resident; None otherwise."""
@@ -101,8 +102,7 @@ class SlotTable:
         slot = self.pin(key)
         if slot is not None:
             return slot
-        self.check(weights)
-        need = device_bytes(weights, self.dtype)
+        need = self.check(weights)
         while not self.free or self.used_bytes + need > self.budget_bytes:
             victim = next((k for k, s in self.resident.items() if not self.pins[s]), None)
             if victim is None:

@@ -180,7 +180,7 @@ def mixed_memory(core: EngineCore, paths: dict[int, list[Path]]) -> dict:
         slot = slots.place((weights.name, -1 - i), weights)
         slots.release(slot)
         resident.append(weights.rank)
-        weights_bytes += weights.nbytes // 4 * slots.dtype.itemsize
+        weights_bytes += need
     held = sum(layer.nbytes for layer in slots.layers.values())  # the tensors the layers hold
     slots.retain(lambda key: key[1] >= 0)
     per_rank_row = (

@@ -47,11 +47,12 @@ class PaddedSlotWeights(SlotWeights):
         """The old grouped op: tokens grouped by slot, the step's padded stacks gathered, two
         batched GEMMs at r_max, scattered back.  x [T, in] -> [T, out]"""
         T, width = x.shape
-        G, m = len(plan.slot_list), plan.group_size
+        G, m = len(plan.slots), plan.group_size
         x_ext = torch.cat([x.to(self.dtype), x.new_zeros(1, width, dtype=self.dtype)])  # [T+1, in]
         xg = x_ext.index_select(0, plan.gather).view(G, m, width)  # [G, m, in]
-        A = self.stack_A.index_select(0, plan.slots)  # [G, r_max, in]
-        Bt = self.stack_Bt.index_select(0, plan.slots)  # [G, r_max, out]
+        slots = torch.tensor(plan.slots, device=self.device)  # [G]
+        A = self.stack_A.index_select(0, slots)  # [G, r_max, in]
+        Bt = self.stack_Bt.index_select(0, slots)  # [G, r_max, out]
         y = torch.bmm(torch.bmm(xg, A.transpose(1, 2)), Bt).view(G * m, -1)  # [G*m, out]
         y = torch.cat([y, y.new_zeros(1, y.shape[1])])  # [G*m+1, out]
         return y.index_select(0, plan.scatter)  # [T, out]
