@@ -86,6 +86,15 @@ class Config:
     tool_call_parser: str = "hermes"
     max_grammar_bytes: int = 64 * 1024
     grammar_compile_timeout_s: float = 10.0
+    # cluster (`loraplex cluster`: engine replicas on Ray Serve)
+    address: str | None = None  # Ray cluster to join; None starts a local one
+    replicas: int = 1  # engine replicas (the initial count under autoscaling)
+    replica_cpus: float = 1.0  # Ray CPUs per replica (also its torch threads on cpu)
+    replica_gpus: float = 0.0  # Ray GPUs per replica
+    min_replicas: int | None = None  # autoscaling bounds: on when max_replicas is set
+    max_replicas: int | None = None
+    target_ongoing_requests: float = 16.0  # autoscaling target per replica
+    affinity: bool = True  # route each adapter's requests to replicas holding it
 
     def __post_init__(self) -> None:
         if self.quant not in QUANT_TYPES:
@@ -139,6 +148,25 @@ class Config:
             raise ConfigError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
         if self.kv_capacity_tokens < self.block_size:
             raise ConfigError("kv_capacity_tokens must hold at least one block")
+        self._check_cluster()
+
+    def _check_cluster(self) -> None:
+        if self.replicas < 1:
+            raise ConfigError(f"replicas must be at least 1, got {self.replicas}")
+        if self.replica_cpus < 0 or self.replica_gpus < 0:
+            raise ConfigError("replica_cpus and replica_gpus must be >= 0")
+        if self.target_ongoing_requests <= 0:
+            raise ConfigError("target_ongoing_requests must be positive")
+        if self.max_replicas is None:
+            if self.min_replicas is not None:
+                raise ConfigError("min_replicas needs max_replicas (autoscaling bounds)")
+            return
+        low = 1 if self.min_replicas is None else self.min_replicas
+        if not 0 <= low <= self.replicas <= self.max_replicas:
+            raise ConfigError(
+                f"autoscaling needs min_replicas <= replicas <= max_replicas, got "
+                f"{low} <= {self.replicas} <= {self.max_replicas}"
+            )
 
     @property
     def torch_compute_dtype(self) -> torch.dtype:

@@ -52,6 +52,15 @@ HELP = {
     "tool_call_parser": "the model's tool-call format for tool_choice auto: hermes | llama3_json",
     "max_grammar_bytes": "largest JSON schema, regex or grammar a request may carry (400 beyond)",
     "grammar_compile_timeout_s": "seconds a request's grammar may take to compile (400 beyond)",
+    "address": "Ray cluster to join (ray://host:10001 or auto; default: start a local one)",
+    "replicas": "engine replicas, each with the base and its own engine (initial count if autoscaling)",
+    "replica_cpus": "Ray CPUs per replica (on cpu also its torch threads)",
+    "replica_gpus": "Ray GPUs per replica",
+    "min_replicas": "autoscaling: fewest replicas (with --max-replicas)",
+    "max_replicas": "autoscaling: most replicas (turns Ray Serve autoscaling on)",
+    "target_ongoing_requests": "autoscaling: requests in flight per replica to aim for",
+    "affinity": "route each adapter's requests to replicas already holding it "
+    "(its name is Ray Serve's multiplexed model id)",
 }
 FLAG_NAMES = {
     "adapters_dir": "adapters",
@@ -135,6 +144,18 @@ HTTP_FIELDS = (
 )
 
 
+CLUSTER_FIELDS = (
+    "address",
+    "replicas",
+    "replica_cpus",
+    "replica_gpus",
+    "min_replicas",
+    "max_replicas",
+    "target_ongoing_requests",
+    "affinity",
+)
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """The Config built from every config field present in args."""
     names = {f.name for f in dataclasses.fields(Config)}
@@ -156,6 +177,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(config_from_args(args))
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    """Deploy engine replicas behind one OpenAI endpoint on Ray Serve and serve until stopped."""
+    try:
+        from server.cluster.deploy import run_cluster
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] != "ray":
+            raise
+        raise ConfigError(
+            "loraplex cluster needs Ray Serve: pip install 'loraplex[cluster]'"
+        ) from error
+    return run_cluster(config_from_args(args))
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[..., int]]]:
     """The top-level parser and a map from subcommand to handler."""
     parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
@@ -169,6 +203,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[..., int
     serve = sub.add_parser("serve", help="serve the base and its adapters over HTTP")
     add_config_args(serve, MODEL_FIELDS + ENGINE_FIELDS + ADAPTER_FIELDS + HTTP_FIELDS)
     handlers["serve"] = cmd_serve
+
+    cluster = sub.add_parser(
+        "cluster", help="serve engine replicas on Ray Serve behind one endpoint (loraplex[cluster])"
+    )
+    add_config_args(
+        cluster, MODEL_FIELDS + ENGINE_FIELDS + ADAPTER_FIELDS + HTTP_FIELDS + CLUSTER_FIELDS
+    )
+    handlers["cluster"] = cmd_cluster
 
     for register in _plugins():
         register(sub, handlers)

@@ -88,6 +88,10 @@ class EngineCollector(Collector):
                 "adapters read from disk in the background",
                 s.adapter_loads,
             ),
+            "loraplex_adapter_slot_loads": (
+                "adapters copied into a device slot (a cold start of that adapter on the device)",
+                s.adapter_slot_loads,
+            ),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)

@@ -334,6 +334,7 @@ class EngineCore:
             adapter_device_bytes=self.slots.used_bytes,
             adapter_memory_budget=self.slots.budget_bytes,
             adapter_loads=self.registry.loads,
+            adapter_slot_loads=self.slots.placements,
             adapter_pins=sum(self.slots.pins),
             prefix_cached_blocks=self.kv.cached_blocks,
             prefix_queried_tokens=dict(prefix.queried) if prefix else {},

@@ -124,6 +124,7 @@ class EngineStats:
     adapter_device_bytes: int = 0  # device bytes of the adapters held (each at its own rank)
     adapter_memory_budget: int = 0  # device bytes adapters may take (--adapter-memory)
     adapter_loads: int = 0  # adapters read from disk by the background loader
+    adapter_slot_loads: int = 0  # adapters copied into a device slot (each a cold start there)
     adapter_pins: int = 0  # running or waiting sequences holding an adapter slot
     open_streams: int = 0  # requests whose output stream has not ended (AsyncEngine)
     prefix_cached_blocks: int = 0  # KV blocks in the prefix cache, held or not
