@@ -1,5 +1,6 @@
 """Locust users for loraplex: chat and completions (streamed and not) on Zipf-popular adapters, a
-base-only user, a cold-burst user and an admin adapter-churn user.
+base-only user, a cold-burst user and an admin adapter-churn user (which, if the server cannot load
+adapters from LOADTEST_CHURN_DIR, says why once and stops instead of failing every request).
 
 Streaming users report time to first token ("TTFT") and inter-token latency ("ITL") as their own
 request types. Environment: LOADTEST_ADAPTERS (comma names; default: every adapter /v1/models lists),
@@ -19,6 +20,7 @@ from typing import Any
 
 import gevent
 from locust import HttpUser, between, events, task
+from locust.exception import StopUser
 
 ZIPF_S = float(os.environ.get("LOADTEST_ZIPF_S", "1.1"))
 MAX_TOKENS = int(os.environ.get("LOADTEST_MAX_TOKENS", "16"))
@@ -27,6 +29,7 @@ ADMIN_KEY = os.environ.get("LOADTEST_ADMIN_KEY", API_KEY)
 COLD_BURST = 4
 PROMPTS = ["Count to ten:", "Name three colours.", "Reverse the word 'lantern'.", "Say hello."]
 STATE: dict[str, Any] = {"base": None, "adapters": [], "weights": [], "tokens": 0, "streams": 0}
+CHURN: dict[str, Any] = {"skip": None, "said": False}  # why the churn user cannot run, if it cannot
 
 
 def headers(key: str) -> dict[str, str]:
@@ -47,6 +50,35 @@ def discover(environment: Any, **_: Any) -> None:
     names = [n for n in chosen.split(",") if n] if chosen else listed
     STATE["adapters"] = names
     STATE["weights"] = [1 / (i + 1) ** ZIPF_S for i in range(len(names))]
+    if any(user.__name__ == "ChurnUser" for user in environment.user_classes):
+        CHURN["skip"] = churn_unavailable(environment.host)
+
+
+def churn_folders() -> list[Path]:
+    """The adapter folders in LOADTEST_CHURN_DIR."""
+    root = Path(os.environ.get("LOADTEST_CHURN_DIR", ""))
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def churn_unavailable(host: str) -> str | None:
+    """Why the churn user cannot run against host (None if it can): no folders to load, or the
+    server refuses to load one (no adapter roots holding them, not an admin key). Probes with one
+    load and unload outside locust's statistics."""
+    import httpx
+
+    folders = churn_folders()
+    if not folders:
+        return "LOADTEST_CHURN_DIR names no folder of adapters"
+    name = f"churn-probe-{uuid.uuid4().hex[:12]}"
+    admin = headers(ADMIN_KEY)
+    load = {"lora_name": name, "lora_path": str(folders[0])}
+    response = httpx.post(host + "/v1/load_lora_adapter", json=load, headers=admin, timeout=60)
+    if response.status_code != 200:
+        return f"the server refused to load {folders[0]} ({response.status_code}: {response.text})"
+    httpx.post(
+        host + "/v1/unload_lora_adapter", json={"lora_name": name}, headers=admin, timeout=60
+    )
+    return None
 
 
 @events.test_stop.add_listener
@@ -197,13 +229,18 @@ class ChurnUser(LoraplexUser):
 
     wait_time = between(0.5, 1)
 
+    def on_start(self) -> None:
+        """Stop (saying why, once for all churn users) when the server cannot churn adapters."""
+        if CHURN["skip"] is None:
+            return
+        if not CHURN["said"]:
+            CHURN["said"] = True
+            print(f"ChurnUser skipped: {CHURN['skip']}; give the server --adapter-roots holding it")
+        raise StopUser()
+
     @task
     def churn(self) -> None:
-        root = Path(os.environ.get("LOADTEST_CHURN_DIR", ""))
-        folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-        if not folders:
-            return
-        folder = random.choice(folders)
+        folder = random.choice(churn_folders())
         name = f"churn-{folder.name}-{uuid.uuid4().hex[:12]}"  # never another user's
         admin = headers(ADMIN_KEY)
         load = {"lora_name": name, "lora_path": str(folder)}

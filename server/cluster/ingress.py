@@ -16,6 +16,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from loader.config import Config
+from server.cluster.adapter_log import AdapterLog
 from server.cluster.asgi import REPLICA_HEADER, ForwardedRequest, ResponseStart
 from server.cluster.metrics import cluster_metrics
 from server.errors import APIError
@@ -118,11 +119,11 @@ class Ingress:
         self.replicas = replicas
         self.config = config
         self.base_name: str | None = None
-        self.adapter_requests: list[ForwardedRequest] = []
+        self.adapters = AdapterLog()
 
     def adapter_log(self) -> list[ForwardedRequest]:
-        """The admin requests every replica has applied, in order: a starting replica replays them."""
-        return list(self.adapter_requests)
+        """The admin calls a starting replica replays (AdapterLog)."""
+        return self.adapters.replay()
 
     async def _base_name(self) -> str:
         if self.base_name is None:
@@ -201,7 +202,7 @@ class Ingress:
         refused = [answer for answer in answers if answer[0].status >= 400]
         if refused or not answers:
             return as_response(*refused[0]) if refused else replica_lost(RuntimeError()).response()
-        self.adapter_requests.append(call)
+        self.adapters.record(call)
         return as_response(*answers[0])
 
     @app.api_route("/{path:path}", methods=METHODS)
