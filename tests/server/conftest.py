@@ -33,11 +33,15 @@ def adapters_dir(peft_adapters: dict[str, Path]) -> Path:
 
 @contextmanager
 def serve_process(
-    args: list[str], log_path: Path, env: dict[str, str] | None = None
+    args: list[str],
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    subcommand: str = "serve",
+    stop_timeout_s: float = 20,
 ) -> Iterator[SimpleNamespace]:
-    """`loraplex serve ARGS` (with env added to the environment) on a free loopback port while the
-    block runs: url, log, proc."""
-    command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0"]
+    """`loraplex serve ARGS` (or another subcommand; env added to the environment) on a free
+    loopback port while the block runs: url, log, proc."""
+    command = [sys.executable, "-m", "server.cli", subcommand, "--host", "127.0.0.1", "--port", "0"]
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1", **(env or {})}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([*command, *args], stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -46,7 +50,7 @@ def serve_process(
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=stop_timeout_s)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -125,6 +129,6 @@ def _wait_ready(proc: subprocess.Popen, log_path: Path) -> str:
             if httpx.get(url + "/health", timeout=5).status_code == 200:
                 return url
         if proc.poll() is not None:
-            raise RuntimeError(f"loraplex serve exited with {proc.returncode}:\n{text[-4000:]}")
+            raise RuntimeError(f"loraplex exited with {proc.returncode}:\n{text[-4000:]}")
         time.sleep(0.25)
-    raise RuntimeError(f"loraplex serve not ready after {SERVER_START_TIMEOUT_S}s")
+    raise RuntimeError(f"loraplex not ready after {SERVER_START_TIMEOUT_S}s")
