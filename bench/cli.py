@@ -27,6 +27,11 @@ BENCHES = {
         "structured outputs: tokens/s with half the requests JSON-schema constrained vs none; "
         "grammar compile times",
     ),
+    "cluster": (
+        "bench.cluster",
+        "loraplex cluster on Ray Serve: adapter-affinity vs default routing on Zipf traffic, "
+        "2 replicas vs 1",
+    ),
     "sampler": (
         "bench.sampler",
         "sampler micro-benchmark: the batched sampler vs the per-row one it replaced",

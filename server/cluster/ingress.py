@@ -64,9 +64,12 @@ def routed_model(request: ForwardedRequest) -> str | None:
 async def forwarded(request: Request) -> ForwardedRequest:
     """The ingress's request as a ForwardedRequest."""
     client = (request.client.host, request.client.port) if request.client else None
+    path, prefix = request.url.path, request.scope.get("root_path", "")
+    if prefix and path.startswith(prefix):  # deployed under a route prefix: the app's own path
+        path = path[len(prefix) :] or "/"
     return ForwardedRequest(
         request.method,
-        request.url.path,
+        path,
         request.url.query.encode(),
         list(request.headers.raw),
         await request.body(),
@@ -87,12 +90,13 @@ def replica_of(start: ResponseStart) -> str:
 
 
 def replica_states() -> dict[str, int]:
-    """How many engine replicas are in each state (RUNNING, STARTING, ...), from Ray Serve."""
-    for application in serve.status().applications.values():
-        deployment = application.deployments.get(REPLICA_DEPLOYMENT)
-        if deployment is not None:
-            return {str(state): count for state, count in deployment.replica_states.items()}
-    return {}
+    """How many engine replicas of this application are in each state (RUNNING, STARTING, ...),
+    from Ray Serve."""
+    application = serve.status().applications.get(serve.get_replica_context().app_name)
+    deployment = application.deployments.get(REPLICA_DEPLOYMENT) if application else None
+    if deployment is None:
+        return {}
+    return {str(state): count for state, count in deployment.replica_states.items()}
 
 
 async def rest_of(stream: DeploymentResponseGenerator, events: bool) -> AsyncIterator[bytes]:

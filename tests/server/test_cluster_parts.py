@@ -58,3 +58,24 @@ def test_metrics_label_every_series_with_its_replica(states):
     }
     replicas = families["loraplex_cluster_replicas"].samples
     assert {s.labels["state"]: s.value for s in replicas} == states
+
+
+def test_autoscaling_options_reach_ray_serve():
+    pytest.importorskip("ray.serve", reason="loraplex[cluster] is not installed")
+    from loader.config import Config, ConfigError
+    from server.cluster.deploy import scaling
+
+    assert scaling(Config(replicas=3)) == {"num_replicas": 3}
+    auto = Config(replicas=2, min_replicas=1, max_replicas=6, target_ongoing_requests=4)
+    assert scaling(auto) == {
+        "autoscaling_config": {
+            "min_replicas": 1,
+            "initial_replicas": 2,
+            "max_replicas": 6,
+            "target_ongoing_requests": 4,
+        }
+    }
+    with pytest.raises(ConfigError, match="min_replicas <= replicas <= max_replicas"):
+        Config(replicas=8, max_replicas=4)
+    with pytest.raises(ConfigError, match="needs max_replicas"):
+        Config(min_replicas=2)
