@@ -25,9 +25,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 from bench.adapters import percentile
+from bench.workload import make_adapters, zipf_weights
 
 KV_TOKENS = 4096  # per replica: enough for the load here, and 8 replicas fit in 24 GiB
 ROUTING_ARMS = {"affinity": True, "default": False}
@@ -54,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--scale-concurrency", type=int, default=8, help="clients per replica, scale-out arms"
     )
     parser.add_argument("--scale-max-tokens", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=3, help="alternated scale-out rounds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--quick",
@@ -73,8 +77,7 @@ def free_port() -> int:
 
 def zipf_models(names: list[str], count: int, s: float, seed: int) -> list[str]:
     """count draws from names, name i weighted 1 / (i + 1) ** s."""
-    weights = [1 / (i + 1) ** s for i in range(len(names))]
-    return random.Random(seed).choices(names, weights, k=count)
+    return random.Random(seed).choices(names, zipf_weights(len(names), s), k=count)
 
 
 async def one_request(
@@ -120,8 +123,6 @@ async def drive(
 ) -> dict:
     """Send one request per entry of models with `concurrency` clients: tok/s, and TTFT p50/p99 in
     ms (streamed) or latency p50/p99 (not streamed)."""
-    import httpx
-
     queue = list(enumerate(models))
     results: list[dict] = []
     bar = tqdm(total=len(models), desc=label, leave=False)
@@ -153,9 +154,6 @@ async def drive(
 
 def slot_loads(url: str) -> float:
     """Adapters copied into device slots, summed over the cluster's replicas."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
     text = httpx.get(url + "/metrics", timeout=60).text
     return sum(
         sample.value
@@ -179,8 +177,6 @@ def deployed(config: Any, name: str, port: int) -> str:
 
 def adapters_folder(model_path: Path, count: int, root: Path) -> tuple[Path, list[str]]:
     """A folder of count seeded rank-8 adapters named a00, a01, ...; their names."""
-    from bench.workload import make_adapters
-
     folder = root / f"cluster-{count}"
     names = [f"a{i:02d}" for i in range(count)]
     if not all((folder / name).is_dir() for name in names):
@@ -209,28 +205,46 @@ def routing(args: argparse.Namespace, base: Any, port: int, folder: Path, names:
 
 
 def scale_out(args: argparse.Namespace, base: Any, port: int) -> dict:
-    """Base-model tok/s on 1 and 2 replicas, the same load per replica."""
+    """Base-model tok/s on 1 and 2 replicas, the same load per replica: both deployed at once
+    (idle replicas take no CPU), measured in alternation for args.rounds rounds so that drift in
+    the machine's load falls on both."""
     from ray import serve
 
-    arms = {}
+    urls, totals = {}, {}
     for replicas in (1, 2):
         name = f"scale{replicas}"
-        url = deployed(base.replace(replicas=replicas), name, port)
-        model = json.loads(_get(url + "/v1/models"))["data"][0]["id"]
-        asyncio.run(drive(url, [model] * 2 * replicas, 2 * replicas, 4, f"{name} warm-up"))
-        models = [model] * args.scale_requests * replicas
-        concurrency = args.scale_concurrency * replicas
-        arms[name] = asyncio.run(
-            drive(url, models, concurrency, args.scale_max_tokens, name, stream=False)
-        )
+        urls[name] = deployed(base.replace(replicas=replicas), name, port)
+        model = json.loads(httpx.get(urls[name] + "/v1/models", timeout=60).text)["data"][0]["id"]
+        asyncio.run(drive(urls[name], [model] * 2 * replicas, 2 * replicas, 4, f"{name} warm-up"))
+    for round_index in range(args.rounds):
+        for replicas in (1, 2):
+            name = f"scale{replicas}"
+            models = [model] * args.scale_requests * replicas
+            concurrency = args.scale_concurrency * replicas
+            label = f"{name} round {round_index + 1}"
+            stats = asyncio.run(
+                drive(urls[name], models, concurrency, args.scale_max_tokens, label, stream=False)
+            )
+            totals.setdefault(name, []).append(stats)
+    for name in urls:
         serve.delete(name)
-    return arms
+    return {name: merged(rounds) for name, rounds in totals.items()}
 
 
-def _get(url: str) -> str:
-    import httpx
-
-    return httpx.get(url, timeout=60).text
+def merged(rounds: list[dict]) -> dict:
+    """Rounds of one arm as one: requests, tokens and seconds summed, tok/s of the sums, the
+    median round's latency percentiles."""
+    requests = sum(r["requests"] for r in rounds)
+    tokens, seconds = sum(r["tokens"] for r in rounds), sum(r["seconds"] for r in rounds)
+    middle = sorted(rounds, key=lambda r: r["latency_p50_ms"])[len(rounds) // 2]
+    return {
+        **middle,
+        "requests": requests,
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "rounds_tokens_per_s": [r["tokens_per_s"] for r in rounds],
+    }
 
 
 def headline(results: dict) -> dict:
@@ -310,7 +324,8 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.quick:
         args.replicas, args.adapters = min(args.replicas, 4), min(args.adapters, 32)
-        args.requests, args.scale_requests = min(args.requests, 400), min(args.scale_requests, 24)
+        args.requests, args.rounds = min(args.requests, 400), min(args.rounds, 2)
+        args.scale_requests = min(args.scale_requests, 24)
     model_path = resolve_source(args.model)
     folder, names = adapters_folder(model_path, args.adapters, cache_dir() / "bench-adapters")
     base = Config(
@@ -326,8 +341,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         results: dict = {"settings": {k: str(v) for k, v in vars(args).items() if k != "func"}}
-        results["routing"] = routing(args, base, port, folder, names)
         results["scale_out"] = scale_out(args, base, port)
+        results["routing"] = routing(args, base, port, folder, names)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -61,20 +61,29 @@ def routed_model(request: ForwardedRequest) -> str | None:
     return model if isinstance(model, str) and model else None
 
 
-async def forwarded(request: Request) -> ForwardedRequest:
-    """The ingress's request as a ForwardedRequest."""
+async def forwarded(request: Request, max_body_bytes: int) -> ForwardedRequest:
+    """The ingress's request as a ForwardedRequest. A body over max_body_bytes is not read: the
+    request goes on without it, declaring its size, and the replica's guard refuses it as
+    `loraplex serve` does (after the API key check, 413)."""
     client = (request.client.host, request.client.port) if request.client else None
     path, prefix = request.url.path, request.scope.get("root_path", "")
     if prefix and path.startswith(prefix):  # deployed under a route prefix: the app's own path
         path = path[len(prefix) :] or "/"
-    return ForwardedRequest(
-        request.method,
-        path,
-        request.url.query.encode(),
-        list(request.headers.raw),
-        await request.body(),
-        client,
-    )
+    headers = list(request.headers.raw)
+    body, size = b"", 0
+    declared = request.headers.get("content-length", "")
+    if not (declared.isdigit() and int(declared) > max_body_bytes):
+        chunks = []
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+                headers.append((b"content-length", str(size).encode()))
+                chunks = []
+                break
+            chunks.append(chunk)
+        body = b"".join(chunks)
+    return ForwardedRequest(request.method, path, request.url.query.encode(), headers, body, client)
 
 
 def as_response(start: ResponseStart, body: bytes) -> Response:
@@ -181,7 +190,9 @@ class Ingress:
     @app.get("/metrics")
     async def metrics(self, request: Request) -> Response:
         """Every replica's /metrics series with a `replica` label, plus the replica counts."""
-        answers = await self._fanout(await forwarded(request), FANOUT_TIMEOUT_S)
+        answers = await self._fanout(
+            await forwarded(request, self.config.max_body_bytes), FANOUT_TIMEOUT_S
+        )
         texts = {
             replica_of(answer[0]): answer[1].decode()
             for answer in answers
@@ -198,24 +209,28 @@ class Ingress:
         """Load or unload an adapter on every replica (each checks the key and the adapter as
         `loraplex serve` does); the first refusal is the answer. What every replica applied is
         logged for replicas that start later."""
-        call = await forwarded(request)
+        call = await forwarded(request, self.config.max_body_bytes)
         answers = await self._fanout(call, FANOUT_TIMEOUT_S)
         for answer in answers:
             if isinstance(answer, BaseException):
                 return replica_lost(answer).response()
+        if not answers:
+            return APIError("no engine replica is running", 503, "replica_unavailable").response()
         refused = [answer for answer in answers if answer[0].status >= 400]
-        if refused or not answers:
-            return as_response(*refused[0]) if refused else replica_lost(RuntimeError()).response()
+        if refused:
+            return as_response(*refused[0])
         self.adapters.record(call)
         return as_response(*answers[0])
 
     @app.api_route("/{path:path}", methods=METHODS)
     async def forward(self, request: Request) -> Response:
         """Any other route: answered by one replica, streamed through as it produces it."""
-        call = await forwarded(request)
-        handle = self.replicas.options(stream=True, multiplexed_model_id=await self._model_id(call))
-        stream: DeploymentResponseGenerator = handle.handle.remote(call)
+        call = await forwarded(request, self.config.max_body_bytes)
         try:
+            handle = self.replicas.options(
+                stream=True, multiplexed_model_id=await self._model_id(call)
+            )
+            stream: DeploymentResponseGenerator = handle.handle.remote(call)
             start = await stream.__anext__()
         except BackPressureError:
             return APIError(

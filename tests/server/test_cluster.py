@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +19,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
+from bench.cluster import free_port
 from bench.workload import make_adapters
 
 pytest.importorskip("ray.serve", reason="loraplex[cluster] is not installed")
@@ -31,13 +31,6 @@ ADMIN, USER = "sk-cluster-admin-1f4e", "sk-cluster-user-8b2c"
 PROMPTS = ["Name a colour:", "Count to three:"]
 NEW_TOKENS = 8
 RECOVERY_TIMEOUT_S = 240
-
-
-def free_port() -> int:
-    """A TCP port free on the loopback interface now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def auth(key: str) -> dict[str, str]:
@@ -164,6 +157,10 @@ def test_keys_limits_and_errors_are_the_apps(cluster):
     assert anonymous.status_code == 401 and anonymous.json()["error"]["type"]
     unknown = complete(cluster.url, "no-such-adapter", "x")
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    huge = {**auth(USER), "content-type": "application/json"}  # the ingress does not read it
+    too_large = httpx.post(cluster.url + "/v1/completions", content=b" " * 2**21, headers=huge)
+    assert too_large.status_code == 413
+    assert too_large.json()["error"]["code"] == "request_too_large"
     bad = complete(cluster.url, ADAPTERS[0], "x", max_tokens=-1)
     assert bad.status_code == 400 and bad.json()["error"]["param"]
     refused = httpx.post(
