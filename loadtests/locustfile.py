@@ -229,8 +229,10 @@ class ChurnUser(LoraplexUser):
 
     wait_time = between(0.5, 1)
 
-    def on_start(self) -> None:
-        """Stop (saying why, once for all churn users) when the server cannot churn adapters."""
+    def stop_if_unable(self) -> None:
+        """Stop this user (saying why, once for all churn users) when the server cannot churn
+        adapters. Raised from a task, StopUser ends the user quietly (from on_start, locust logs
+        a traceback per user)."""
         if CHURN["skip"] is None:
             return
         if not CHURN["said"]:
@@ -240,6 +242,7 @@ class ChurnUser(LoraplexUser):
 
     @task
     def churn(self) -> None:
+        self.stop_if_unable()
         folder = random.choice(churn_folders())
         name = f"churn-{folder.name}-{uuid.uuid4().hex[:12]}"  # never another user's
         admin = headers(ADMIN_KEY)
