@@ -205,9 +205,17 @@ def run_compare(
         element = driver.find_element(By.ID, field)
         element.clear()
         element.send_keys(text)
-    for box in driver.find_elements(By.CSS_SELECTOR, "#choices input"):
-        if box.is_selected() != (box.get_attribute("value") in models):
-            box.click()
+
+    def tick(d) -> bool:
+        """Tick exactly the models' boxes; True once none needed a click."""
+        clicked = False
+        for box in d.find_elements(By.CSS_SELECTOR, "#choices input"):
+            if box.is_selected() != (box.get_attribute("value") in models):
+                box.click()
+                clicked = True
+        return not clicked
+
+    wait(driver, tick)  # the list re-renders when the model table refreshes: retried
     driver.execute_script(COUNT_UPDATES)
     driver.find_element(By.ID, "run").click()
     columns = wait(
