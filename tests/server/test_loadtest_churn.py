@@ -22,7 +22,7 @@ def test_churn_user_stops_with_one_message_when_the_server_cannot_load(
     run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output
-    assert '"ChurnUser": 2' in output  # both stopped, one message
+    assert '"ChurnUser": 2' in output  # two churn users spawned: one message for both
     assert output.count("ChurnUser skipped:") == 1, output
     assert "outside the allowed adapter folders" in output
     rows = [line.split() for line in output.splitlines()]  # locust's statistics table
